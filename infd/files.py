@@ -1,0 +1,100 @@
+"""Atomic outputs: a file or folder appears complete under its final name, or not at all.
+
+Every writer in infd (images, checkpoints, benchmark results) writes into a temporary
+sibling and renames it into place, so an interrupted run never leaves a half-written
+output that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file next to `path`; on success it replaces `path`.
+
+    The temporary name keeps the suffix (`.out.tmp-1a2b3c4d.png` for `out.png`) so
+    writers that pick the format from the suffix still work. On any exception,
+    KeyboardInterrupt included, the temporary file is deleted and the error re-raised.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Creating the file with O_EXCL reserves the name; mode 0o666 lets the umask decide
+    # the final permissions, as for a file opened normally (mkstemp would force 0o600).
+    tmp = _unique_sibling(path, f".{path.stem}.tmp-", path.suffix, _create_file)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path`.
+
+    Used for checkpoints (config.json + *.safetensors). An existing `path` is renamed
+    aside before the new folder is renamed in, and removed only afterwards, so at every
+    moment either the old or the new folder is complete. On failure the temporary
+    folder is removed and `path` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _unique_sibling(path, f".{path.name}.tmp-", "", _create_directory)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_into_place(tmp, path)
+
+
+def _swap_into_place(new: Path, path: Path) -> None:
+    if not os.path.lexists(path):
+        os.rename(new, path)
+        return
+    old = _unique_sibling(path, f".{path.name}.old-", "", lambda _: None)
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)  # put the previous version back rather than leave nothing
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    _remove(old)
+
+
+def _unique_sibling(path: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """A new name `prefix + random + suffix` in path's folder, reserved by `create`."""
+    for _ in range(100):
+        candidate = path.with_name(f"{prefix}{secrets.token_hex(4)}{suffix}")
+        if os.path.lexists(candidate):
+            continue
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not find a free temporary name next to {path}")
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+
+
+def _create_directory(path: Path) -> None:
+    os.mkdir(path, 0o777)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

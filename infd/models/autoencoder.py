@@ -1,0 +1,138 @@
+"""The neural-field autoencoder: image -> z -> feature map phi -> renderer -> RGB anywhere.
+
+Encoder and decoder trunk are diffusers' VAE `Encoder`/`Decoder` (the blocks of Stable
+Diffusion's AutoencoderKL), so an SD-style autoencoder converts by keeping its weights and
+dropping the decoder's last RGB conv: what the trunk outputs is phi. Saved and loaded with
+diffusers' `save_pretrained`/`from_pretrained`: a folder of config.json + safetensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
+from diffusers.models.modeling_utils import ModelMixin
+
+from infd.errors import InfdError
+from infd.models.renderers import RENDERERS, make_renderer
+
+LATENT_TYPES = ("kl", "vq")
+
+
+class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
+    """Encoder to a fixed-size latent z; decoder to a feature map; renderer to any grid.
+
+    Defaults follow the paper: a 256² input gives z of 3x64x64 and phi of 128x256x256,
+    rendered by CLIF with 256 hidden channels.
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 3,
+        input_size: int = 256,
+        block_out_channels: tuple[int, ...] = (128, 256, 256),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        latent_type: str = "kl",
+        vq_codebook_size: int = 8192,
+        renderer_type: str = "clif",
+        renderer_hidden: int = 256,
+        renderer_blocks: int = 2,
+        scaling_factor: float = 1.0,
+    ):
+        super().__init__()
+        if latent_type not in LATENT_TYPES:
+            raise InfdError(f"unknown latent type '{latent_type}'; choose one of {', '.join(LATENT_TYPES)}.")
+        if renderer_type not in RENDERERS:
+            raise InfdError(f"unknown renderer '{renderer_type}'; choose one of {', '.join(RENDERERS)}.")
+        depth = len(block_out_channels)
+        if input_size % 2 ** (depth - 1):
+            raise InfdError(f"input size {input_size} must be divisible by {2 ** (depth - 1)} for {depth} encoder blocks.")
+        moments = 2 * latent_channels if latent_type == "kl" else latent_channels
+        trunk = dict(
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        self.encoder = Encoder(
+            in_channels, latent_channels, down_block_types=("DownEncoderBlock2D",) * depth, double_z=latent_type == "kl", **trunk
+        )
+        self.quant_conv = nn.Conv2d(moments, moments, 1)
+        self.quantizer = VectorQuantizer(vq_codebook_size, latent_channels, beta=0.25, legacy=False) if latent_type == "vq" else None
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
+        self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
+        self.renderer = make_renderer(renderer_type, block_out_channels[0], renderer_hidden, renderer_blocks)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.config.input_size // 2 ** (len(self.config.block_out_channels) - 1)
+        return (self.config.latent_channels, side, side)
+
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return (self.config.block_out_channels[0], self.config.input_size, self.config.input_size)
+
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (B, 3, S, S) in [-1, 1] -> (mean, logvar) of z, each (B, C, h, w); logvar is None for VQ."""
+        s = self.config.input_size
+        if x.shape[-2:] != (s, s):
+            raise InfdError(f"encoder input must be {s}x{s}, got {tuple(x.shape[-2:])}; resize with infd.rendering.encode.")
+        moments = self.quant_conv(self.encoder(x))
+        if self.quantizer is not None:
+            return moments, None
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: (B, 3, S, S) in [-1, 1] -> z: (B, C, h, w) (the posterior mean unless `sample`)."""
+        mean, logvar = self.encode_moments(x)
+        if not sample or logvar is None:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VQ: nearest codebook entries and the codebook loss; KL: z unchanged and 0."""
+        if self.quantizer is None:
+            return z, z.new_zeros(())
+        z_q, loss, _ = self.quantizer(z)
+        return z_q, loss
+
+    def decode_features(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, C, h, w) -> phi: (B, F, S, S), the feature map the renderer reads."""
+        z, _ = self.quantize(z)
+        return self.decoder(self.post_quant_conv(z))
+
+    def prepare_render(self, z: torch.Tensor) -> torch.Tensor:
+        """Everything that is computed once per latent; pass the result to `render_window`."""
+        return self.renderer.prepare(self.decode_features(z))
+
+    def render_window(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """RGB (B, 3, h, w) at query centers ys (B, h + 2 halo), xs (B, w + 2 halo), cell (B, 2)."""
+        return self.renderer(state, ys, xs, cell)
+
+    @property
+    def halo(self) -> int:
+        return self.renderer.halo
+
+    def forward(self, x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, sample: bool = True) -> dict:
+        """Training pass: encode x, sample z, render the query window.
+
+        Returns pred (B, 3, h, w), mean/logvar of z, and the VQ codebook loss.
+        """
+        mean, logvar = self.encode_moments(x)
+        z = mean
+        if sample and logvar is not None:
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        z_q, vq_loss = self.quantize(z)
+        phi = self.decoder(self.post_quant_conv(z_q))
+        pred = self.renderer(self.renderer.prepare(phi), ys, xs, cell)
+        return {"pred": pred, "mean": mean, "logvar": logvar, "vq_loss": vq_loss}

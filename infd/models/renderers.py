@@ -1,0 +1,178 @@
+"""Renderers: from a decoded feature map phi to RGB at any grid of query pixels.
+
+All renderers share one interface so that the autoencoder, the trainer, tiling and the
+evaluation treat them alike:
+
+    state = renderer.prepare(phi)                 # once per latent
+    rgb = renderer(state, ys, xs, cell)           # any number of times, any windows
+
+ys (B, h + 2 halo) and xs (B, w + 2 halo) are the float64 pixel centers of the query rows
+and columns (geometry.window_centers / axis_centers, extended by the renderer's `halo`),
+cell (B, 2) the query pixel size in [-1, 1] units; the result is (B, 3, h, w) in about
+[-1, 1]. A renderer never sees anything but the pixels it is asked for plus its halo, and
+uses no statistics across pixels (no GroupNorm), so a tile rendered alone equals the
+same pixels of a whole-image render: rendering is seam-free by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from infd import geometry
+from infd.errors import InfdError
+
+RENDERERS = ("clif", "liif", "fixed")
+
+
+def gather_nearest_features(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest feature vector of phi under each query pixel, and the query's offset from it.
+
+    phi: (B, C, h, w); ys: (B, H); xs: (B, W).
+    Returns features (B, C, H, W) and offsets oy (B, H), ox (B, W) in feature cells (float64).
+    The grid is separable, so the lookup is two 1-D gathers instead of a 2-D grid_sample.
+    """
+    b, c, h, w = phi.shape
+    iy, oy = geometry.feature_lookup(ys, h)
+    ix, ox = geometry.feature_lookup(xs, w)
+    rows = torch.gather(phi, 2, iy.to(phi.device)[:, None, :, None].expand(b, c, iy.shape[1], w))
+    features = torch.gather(rows, 3, ix.to(phi.device)[:, None, None, :].expand(b, c, iy.shape[1], ix.shape[1]))
+    return features, oy, ox
+
+
+def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """The CLIF/LIIF input: nearest feature, offset and pixel size, laid out in query order.
+
+    Returns (B, C + 4, H, W): C feature channels, offset (y, x) and cell (y, x), both in
+    feature cells so that the numbers mean the same at every resolution of phi.
+    """
+    features, oy, ox = gather_nearest_features(phi, ys, xs)
+    b, _, hq, wq = features.shape
+    dtype, device = phi.dtype, phi.device
+    offset_y = oy.to(device, dtype)[:, None, :, None].expand(b, 1, hq, wq)
+    offset_x = ox.to(device, dtype)[:, None, None, :].expand(b, 1, hq, wq)
+    feature_size = torch.tensor(phi.shape[-2:], dtype=torch.float64)
+    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), feature_size).to(device, dtype)
+    cell_map = cell_f[:, :, None, None].expand(b, 2, hq, wq)
+    return torch.cat([features, offset_y, offset_x, cell_map], dim=1)
+
+
+class Renderer(nn.Module):
+    """Base class: subclasses set `halo` and implement `forward`."""
+
+    halo: int = 0
+
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        return phi
+
+    def last_layer_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ValidResBlock(nn.Module):
+    """Pre-activation residual block of two 3x3 convs without padding or normalisation.
+
+    Unpadded ("valid") convs shrink the map by 2 pixels a side; the skip path is cropped
+    to match. Nothing depends on where a tile starts, which keeps tiling exact.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3)
+        self.conv2 = nn.Conv2d(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.silu(self.conv1(F.silu(x))))
+        return x[..., 2:-2, 2:-2] + h
+
+
+class CLIFRenderer(Renderer):
+    """Convolutional Local Image Function: a small conv net over the query layout.
+
+    Seeing its neighbours gives it the capacity for realistic texture that a per-pixel MLP
+    lacks; conditioning on the pixel size keeps every scale consistent.
+    """
+
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2):
+        super().__init__()
+        self.conv_in = nn.Conv2d(feature_channels + 4, hidden_channels, 3)
+        self.blocks = nn.Sequential(*[ValidResBlock(hidden_channels) for _ in range(num_blocks)])
+        self.conv_out = nn.Conv2d(hidden_channels, 3, 3)
+        self.halo = 2 + 2 * num_blocks
+
+    def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        layout = query_layout(phi, ys, xs, cell)
+        if phi.device.type == "cpu":
+            layout = layout.contiguous(memory_format=torch.channels_last)
+        h = self.blocks(self.conv_in(layout))
+        return self.conv_out(F.silu(h))
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.conv_out.weight
+
+
+class LIIFRenderer(Renderer):
+    """LIIF baseline: an MLP applied to each query pixel on its own (1x1 convs).
+
+    Nearest-feature lookup with offset and cell as in LIIF, without its feature unfolding
+    and local ensemble; it has the same inputs as CLIF but no spatial context.
+    """
+
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_layers: int = 4):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(feature_channels + 4, hidden_channels, 1)]
+        for _ in range(num_layers - 1):
+            layers += [nn.SiLU(), nn.Conv2d(hidden_channels, hidden_channels, 1)]
+        self.mlp = nn.Sequential(*layers)
+        self.conv_out = nn.Conv2d(hidden_channels, 3, 1)
+
+    def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.mlp(query_layout(phi, ys, xs, cell))))
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.conv_out.weight
+
+
+class FixedResolutionRenderer(Renderer):
+    """Baseline: RGB at the feature map's own resolution, resampled to the query grid.
+
+    This is "a fixed-resolution decoder + upsampling": the head is the usual last conv of
+    an LDM decoder; queries are answered by bicubic interpolation of its output, after an
+    antialiased downsize when the query pixels are larger than the decoder's.
+    """
+
+    def __init__(self, feature_channels: int):
+        super().__init__()
+        self.head = nn.Conv2d(feature_channels, 3, 3, padding=1)
+
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        return self.head(phi)
+
+    def forward(self, rgb: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.resample(rgb[i : i + 1], ys[i], xs[i], cell[i]) for i in range(rgb.shape[0])])
+
+    @staticmethod
+    def resample(rgb: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """rgb (1, 3, h, w) -> (1, 3, len(ys), len(xs)) bicubic at the query centers."""
+        h, w = rgb.shape[-2:]
+        # Whole-image resolution the query pixels correspond to; shrink (antialiased) if coarser.
+        target = (min(h, max(1, round(2 / float(cell[0])))), min(w, max(1, round(2 / float(cell[1])))))
+        if target != (h, w):
+            rgb = F.interpolate(rgb, size=target, mode="bicubic", antialias=True, align_corners=False)
+        gy, gx = torch.meshgrid(ys.to(rgb.device, rgb.dtype), xs.to(rgb.device, rgb.dtype), indexing="ij")
+        grid = torch.stack([gx, gy], dim=-1)[None]  # grid_sample wants (x, y)
+        return F.grid_sample(rgb, grid, mode="bicubic", padding_mode="border", align_corners=False)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        return self.head.weight
+
+
+def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2) -> Renderer:
+    if kind == "clif":
+        return CLIFRenderer(feature_channels, hidden_channels, num_blocks)
+    if kind == "liif":
+        return LIIFRenderer(feature_channels, hidden_channels, num_layers=2 * num_blocks)
+    if kind == "fixed":
+        return FixedResolutionRenderer(feature_channels)
+    raise InfdError(f"unknown renderer '{kind}'; choose one of {', '.join(RENDERERS)}.")

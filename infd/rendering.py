@@ -1,0 +1,203 @@
+"""Encode images to latents and render latents at any size, region and aspect ratio.
+
+    model = load_autoencoder("runs/ae")
+    z = encode(model, "photo.jpg")                       # (1, C, h, w), any input size
+    img = render(model, z, size=(1536, 2048))            # (1, 3, 1536, 2048) in [0, 1]
+    crop = render(model, z, size=(512, 512), box=Box(-0.25, -0.25, 0.25, 0.25))
+
+The feature map is decoded once per call; the renderer then runs tile by tile, so memory
+does not grow with the output size. Outputs too large to hold go to a `sink` (a callable
+receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from infd import geometry
+from infd.errors import InfdError
+from infd.geometry import Box, Size, Window
+from infd.images import load_image, resize
+from infd.models import NeuralFieldAutoencoder
+
+# Largest output returned as one tensor (B * H * W pixels, 12 bytes each): 8192² fits.
+MAX_RENDER_PIXELS = 8192 * 8192
+DEFAULT_TILE = 512
+
+Sink = Callable[[Window, torch.Tensor], None]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InfdError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InfdError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu.")
+    return resolved
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder (config.json + safetensors) that `path` names.
+
+    Accepts a checkpoint folder, a training run folder (its newest checkpoint) or a
+    pipeline folder (its `autoencoder/`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InfdError(f"checkpoint '{path}' does not exist; pass a run folder from `infd train-ae` or a folder holding config.json.")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "autoencoder" / "config.json").is_file():
+        return path / "autoencoder"
+    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "config.json").is_file())
+    if steps:
+        return steps[-1]
+    raise InfdError(f"'{path}' holds no checkpoint (no config.json, autoencoder/ or checkpoints/step_*); pass a run or checkpoint folder.")
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> NeuralFieldAutoencoder:
+    folder = find_checkpoint(path)
+    try:
+        model = NeuralFieldAutoencoder.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InfdError(f"could not load the autoencoder from '{folder}': {reason}") from None
+    device = pick_device(device) if isinstance(device, str) else device
+    return model.to(device).eval()
+
+
+def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Any image-like input -> (B, 3, H, W) float in [0, 1]."""
+    if isinstance(image, (str, Path)):
+        return load_image(image)[None]
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        image = torch.from_numpy(array).permute(2, 0, 1)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise InfdError(f"an image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}.")
+    if not torch.isfinite(image).all():
+        raise InfdError("the image contains NaN or infinite values.")
+    return image.float()
+
+
+@torch.no_grad()
+def encode(model: NeuralFieldAutoencoder, image, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Encode an image of any size and aspect: (B, 3, H, W) in [0, 1], a path or PIL -> z (B, C, h, w).
+
+    The whole image is resized (antialiased) to the encoder's square input; the field's
+    domain [-1, 1]² always spans the whole image, so render at the original aspect to get
+    it back.
+    """
+    x = image_to_tensor(image)
+    s = model.config.input_size
+    param = next(model.parameters())
+    x = resize(x, (s, s)).to(param.device, param.dtype) * 2 - 1
+    return model.encode(x, sample=sample, generator=generator)
+
+
+def check_latent(model: NeuralFieldAutoencoder, z: torch.Tensor) -> torch.Tensor:
+    if z.ndim == 3:
+        z = z[None]
+    if tuple(z.shape[1:]) != tuple(model.latent_shape):
+        raise InfdError(f"z has shape {tuple(z.shape[1:])} but this autoencoder's latents are {tuple(model.latent_shape)}.")
+    if not torch.isfinite(z).all():
+        raise InfdError("z contains NaN or infinite values.")
+    return z
+
+
+def render_window(model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, size: Size, window: Window | None = None) -> torch.Tensor:
+    """Differentiable render of `window` of an H x W grid over `box`: (B, 3, h, w) in about [-1, 1].
+
+    `state` is `model.prepare_render(z)`; the window's halo is added here.
+    """
+    ys, xs = geometry.window_centers(box, size, window, halo=model.halo)
+    b = state.shape[0]
+    cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
+    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell)
+
+
+@contextlib.contextmanager
+def _precision(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    if dtype is None or dtype == torch.float32:
+        yield
+    else:
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+
+
+@torch.no_grad()
+def render(
+    model: NeuralFieldAutoencoder,
+    z: torch.Tensor,
+    size: Size,
+    box: Box | None = None,
+    tile: int | Size | None = DEFAULT_TILE,
+    sink: Sink | None = None,
+    dtype: torch.dtype | None = None,
+    max_pixels: int = MAX_RENDER_PIXELS,
+    progress: bool = False,
+) -> torch.Tensor | None:
+    """Render latents z (B, C, h, w) as H x W images of `box` (default: the whole image).
+
+    Returns (B, 3, H, W) float32 in [0, 1] on the CPU, or None when a `sink` takes the
+    tiles (each call: sink(window, tile (B, 3, h, w))). `tile=None` renders in one piece;
+    the result is the same for every tile size. `dtype` (bfloat16/float16) runs the
+    renderer under autocast.
+    """
+    size = geometry.check_size(size)
+    box = box or Box.full()
+    param = next(model.parameters())
+    z = check_latent(model, z).to(param.device, param.dtype)
+    b, (h, w) = z.shape[0], size
+    if sink is None and b * h * w > max_pixels:
+        gib = b * h * w * 12 / 2**30
+        raise InfdError(
+            f"a {w}x{h} render of {b} image(s) would need {gib:.1f} GiB in memory; "
+            "pass a sink (e.g. infd.rendering.ArraySink over a numpy memmap) or a smaller size."
+        )
+    windows = geometry.tiles(size, tile or size)
+    output = None if sink is not None else torch.empty(b, 3, h, w)
+    with _precision(param.device, dtype):
+        state = model.prepare_render(z)
+        for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
+            rgb = render_window(model, state, box, size, window)
+            rgb = ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
+            if output is None:
+                sink(window, rgb)
+            else:
+                output[:, :, window.top : window.top + window.height, window.left : window.left + window.width] = rgb
+    return output
+
+
+class ArraySink:
+    """Writes tiles into an (H, W, 3) or (B, H, W, 3) array, e.g. a numpy memmap; uint8 arrays are quantised."""
+
+    def __init__(self, array: np.ndarray):
+        if array.ndim not in (3, 4) or array.shape[-1] != 3:
+            raise InfdError(f"an ArraySink array must be (H, W, 3) or (B, H, W, 3), got {array.shape}.")
+        self.array = array
+
+    def __call__(self, window: Window, tile: torch.Tensor) -> None:
+        values = tile.permute(0, 2, 3, 1).numpy()
+        if self.array.dtype == np.uint8:
+            values = np.clip(np.rint(values * 255), 0, 255).astype(np.uint8)
+        rows = slice(window.top, window.top + window.height)
+        cols = slice(window.left, window.left + window.width)
+        if self.array.ndim == 3:
+            self.array[rows, cols] = values[0]
+        else:
+            self.array[:, rows, cols] = values

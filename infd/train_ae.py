@@ -1,0 +1,401 @@
+"""Training the neural-field autoencoder on mixed-resolution data (`infd train-ae`).
+
+Each step: encode the image at the fixed input size, render the query window of a crop
+of the image downsampled to a random resolution, and compare with that crop:
+L1 + perceptual (LPIPS, or focal frequency without weights) + KL (or VQ) + hinge GAN with
+the adaptive weight of VQGAN/LDM. The same script runs on the CPU, one GPU or many
+(`accelerate launch -m infd.cli train-ae ...`).
+
+Exact resume: a sample is a pure function of (seed, global sample counter), the data
+loader draws no global randomness, and every checkpoint stores the optimizer moments,
+EMA, discriminator and RNG states; so a run killed and resumed continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from infd import geometry, losses
+from infd.checkpoint import load_training_state, save_training_state
+from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
+from infd.errors import InfdError
+from infd.files import atomic_directory, atomic_path
+from infd.geometry import Box
+from infd.images import load_image, resize, save_image
+from infd.models import NeuralFieldAutoencoder
+from infd.models.discriminator import PatchDiscriminator
+from infd.rendering import find_checkpoint, render_window
+
+MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+@dataclass
+class AETrainConfig:
+    """Everything a run needs besides its data; saved as train_config.json in the run."""
+
+    model: dict = field(default_factory=dict)  # NeuralFieldAutoencoder arguments
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 100_000
+    batch_size: int = 16
+    lr: float = 1e-4
+    disc_lr: float = 1e-4
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    grad_clip: float = 1.0
+    l1_weight: float = 1.0
+    perceptual: str = "auto"  # auto | lpips | ffl | none
+    lpips_vgg: str | None = None
+    perceptual_weight: float = 1.0
+    kl_weight: float = 1e-6
+    vq_weight: float = 1.0
+    gan_weight: float = 0.75  # 0 disables the discriminator
+    gan_start: int = 20_000
+    adaptive_gan_weight: bool = True
+    ema_decay: float = 0.0  # 0 disables EMA
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16 | fp16
+    num_workers: int = 2
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    init: str | None = None  # start from this checkpoint's weights (e.g. a converted SD VAE)
+    freeze_encoder: bool = False
+    freeze_decoder: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AETrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        values = dict(values)
+        data = values.pop("data", {})
+        data_names = {f.name for f in dataclasses.fields(DataConfig)}
+        if set(data) - data_names:
+            raise InfdError(f"unknown data option(s) {', '.join(sorted(set(data) - data_names))}; known: {', '.join(sorted(data_names))}.")
+        if "adam_betas" in values:
+            values["adam_betas"] = tuple(values["adam_betas"])
+        return cls(data=DataConfig(**data), **values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AETrainConfig:
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except FileNotFoundError:
+            raise InfdError(f"config file '{path}' does not exist.") from None
+        except json.JSONDecodeError as error:
+            raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise InfdError("steps and batch_size must be positive.")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise InfdError(f"learning rate {self.lr} must be a positive number.")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise InfdError(f"mixed_precision '{self.mixed_precision}' must be auto, no, bf16 or fp16.")
+        if not 0 <= self.ema_decay < 1:
+            raise InfdError(f"ema_decay {self.ema_decay} must be in [0, 1).")
+
+
+def checkpoint_dirs(run: Path) -> list[Path]:
+    return sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "config.json").is_file())
+
+
+def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
+    if config.init:
+        model = NeuralFieldAutoencoder.from_pretrained(find_checkpoint(config.init))
+    else:
+        model = NeuralFieldAutoencoder(input_size=config.data.input_size, **config.model)
+    if model.config.input_size != config.data.input_size:
+        raise InfdError(f"the model's input size {model.config.input_size} differs from data.input_size {config.data.input_size}.")
+    if config.freeze_encoder:
+        for module in (model.encoder, model.quant_conv):
+            module.requires_grad_(False)
+    if config.freeze_decoder:
+        for module in (model.post_quant_conv, model.decoder):
+            module.requires_grad_(False)
+    return model
+
+
+def query_centers(batch: dict[str, torch.Tensor], halo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query pixel centers of each sample's target crop, extended by the renderer's halo.
+
+    The crop is window (top, left, c, c) of the whole image at resolution (rh, rw).
+    Returns ys (B, c + 2 halo), xs (B, c + 2 halo), cell (B, 2).
+    """
+    size, window = batch["size"], batch["window"]
+    ch, cw = batch["gt"].shape[-2:]
+    ys = geometry.axis_centers(-1.0, 1.0, size[:, 0], window[:, 0] - halo, ch + 2 * halo)
+    xs = geometry.axis_centers(-1.0, 1.0, size[:, 1], window[:, 1] - halo, cw + 2 * halo)
+    return ys, xs, batch["cell"].double()
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
+    mse = ((pred.float().clamp(-1, 1) - target.float()) / 2).pow(2).mean()
+    return float(-10 * torch.log10(mse.clamp_min(1e-10)))
+
+
+@torch.no_grad()
+def reconstruction_grid(model: NeuralFieldAutoencoder, images: list[torch.Tensor], zooms=(1, 2, 4)) -> torch.Tensor:
+    """Rows of [ground truth | reconstruction] at each zoom (center box), each S x S: (3, H, W) in [0, 1].
+
+    The ground truth of a zoom is the same box of the native image, so a reconstruction can
+    be judged against detail that the encoder's input never had.
+    """
+    s = model.config.input_size
+    param = next(model.parameters())
+    rows = []
+    for image in images:
+        z = model.encode(resize(image[None], (s, s)).to(param.device, param.dtype) * 2 - 1)
+        state = model.prepare_render(z)
+        cells = []
+        for zoom in zooms:
+            box = Box(-1 / zoom, -1 / zoom, 1 / zoom, 1 / zoom)
+            top, left, bottom, right = (round(v) for v in box.to_pixels(image.shape[-2:]))
+            truth = resize(image[None, :, top:bottom, left:right], (s, s))[0]
+            rec = ((render_window(model, state, box, (s, s)).float()[0].cpu() + 1) / 2).clamp(0, 1)
+            cells += [truth, rec]
+        rows.append(torch.cat(cells, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+class AutoencoderTrainer:
+    """Holds the state of one training run; `run()` trains until `config.steps`."""
+
+    def __init__(self, config: AETrainConfig, data: str | Path | list, out: str | Path, resume: bool = False, exclude=(), progress: bool = True):
+        config.validate()
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.check_run_folder(resume)
+        precision = config.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed + self.accelerator.process_index)
+        self.dataset = MixedResolutionDataset(data, config.data, seed=config.seed, exclude=exclude)
+        self.model = build_model(config)
+        self.disc = PatchDiscriminator() if config.gan_weight > 0 else None
+        self.perceptual = losses.make_perceptual_loss(config.perceptual, config.lpips_vgg)
+        if self.perceptual is not None:
+            self.perceptual.to(self.accelerator.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt_g = torch.optim.Adam(trainable, lr=config.lr, betas=config.adam_betas)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=config.disc_lr, betas=config.adam_betas) if self.disc else None
+        self.ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay > 0 else None
+        self.step, self.failed_images, self.resumed_scaler = 0, 0, None
+        if resume:
+            self.load(checkpoint_dirs(self.out)[-1])
+        self.model, self.opt_g = self.accelerator.prepare(self.model, self.opt_g)
+        if self.disc is not None:
+            self.disc, self.opt_d = self.accelerator.prepare(self.disc, self.opt_d)
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
+        if self.resumed_scaler is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(self.resumed_scaler)
+
+    def check_run_folder(self, resume: bool) -> None:
+        existing = checkpoint_dirs(self.out)
+        if resume and not existing:
+            raise InfdError(f"--resume was given but '{self.out}' has no checkpoint to resume from.")
+        if not resume and existing:
+            raise InfdError(f"'{self.out}' already holds checkpoints; pass --resume to continue it or choose a new --out.")
+
+    @property
+    def unwrapped(self) -> NeuralFieldAutoencoder:
+        return self.accelerator.unwrap_model(self.model)
+
+    def batches(self):
+        sampler = StepBatchSampler(self.config.batch_size, self.step, self.accelerator.process_index, self.accelerator.num_processes)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.config.num_workers,
+            persistent_workers=self.config.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
+        )
+        return iter(loader)
+
+    def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        cfg, model = self.config, self.unwrapped
+        ys, xs, cell = query_centers(batch, model.halo)
+        with self.accelerator.autocast():
+            out = self.model(batch["inp"], ys, xs, cell)
+            pred, target = out["pred"], batch["gt"]
+            rec = cfg.l1_weight * losses.l1_loss(pred, target)
+            logs = {"l1": float(losses.l1_loss(pred.detach(), target))}
+            if self.perceptual is not None:
+                perceptual = self.perceptual(pred.float(), target.float())
+                rec = rec + cfg.perceptual_weight * perceptual
+                logs["perc"] = float(perceptual)
+            loss = rec
+            if out["logvar"] is not None:
+                loss = loss + cfg.kl_weight * losses.kl_loss(out["mean"], out["logvar"])
+            else:
+                loss = loss + cfg.vq_weight * out["vq_loss"]
+            if self.disc is not None and self.step >= cfg.gan_start:
+                self.disc.requires_grad_(False)
+                g_loss = losses.generator_loss(self.disc(pred))
+                weight = cfg.gan_weight
+                if cfg.adaptive_gan_weight:
+                    weight = weight * losses.adaptive_gan_weight(rec, g_loss, model.renderer.last_layer_weight(), reduce=self.accelerator.reduce)
+                loss = loss + weight * g_loss
+                self.disc.requires_grad_(True)
+                logs["g"] = float(g_loss)
+        if not torch.isfinite(loss):
+            raise InfdError(f"the loss became {float(loss)} at step {self.step}; lower the learning rate or resume from an earlier checkpoint.")
+        self.opt_g.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt_g.step()
+        if self.ema is not None:
+            self.ema.step([p for p in self.unwrapped.parameters() if p.requires_grad])
+        logs["psnr"] = psnr(pred.detach(), target)
+        self.last_pred = pred.detach()
+        return logs
+
+    def discriminator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        with self.accelerator.autocast():
+            d_loss = losses.hinge_d_loss(self.disc(batch["gt"]), self.disc(self.last_pred))
+        self.opt_d.zero_grad(set_to_none=True)
+        self.accelerator.backward(d_loss)
+        self.opt_d.step()
+        return {"d": float(d_loss)}
+
+    def run(self) -> Path:
+        cfg = self.config
+        if self.accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out / "train_config.json") as tmp:
+                tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.model.train()
+        batches = self.batches()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train-ae", disable=not (self.progress and self.accelerator.is_main_process))
+        started, first_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            batch = next(batches)
+            self.failed_images += int(batch.pop("failed").sum())
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            logs = self.generator_step(batch)
+            if self.disc is not None and self.step >= cfg.gan_start:
+                logs.update(self.discriminator_step(batch))
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rate = (self.step - first_step) * cfg.batch_size * self.accelerator.num_processes / (time.perf_counter() - started)
+                logs.update(step=self.step, images_per_s=rate, skipped=self.failed_images)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k not in ("step",)})
+                self.log(logs)
+            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                self.write_samples()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self.accelerator.wait_for_everyone()
+        return checkpoint_dirs(self.out)[-1]
+
+    def log(self, logs: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(logs) + "\n")
+
+    def write_samples(self, count: int = 4) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        images = []
+        for path in self.dataset.paths[:count]:
+            try:
+                images.append(load_image(path))
+            except InfdError:
+                continue
+        if not images:
+            return
+        model = self.unwrapped
+        model.eval()
+        with self.ema_weights():
+            grid = reconstruction_grid(model, images)
+        model.train()
+        save_image(grid, self.out / "samples" / f"step_{self.step:07d}.png")
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model holds its EMA weights inside this context (a no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        model = self.unwrapped
+        state: dict[str, Any] = {
+            "step": self.step,
+            "failed_images": self.failed_images,
+            "opt_g": self.opt_g.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        if self.disc is not None:
+            state["disc"] = self.accelerator.unwrap_model(self.disc).state_dict()
+            state["opt_d"] = self.opt_d.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+            state["model"] = model.state_dict()  # raw weights; the folder's model file holds EMA weights
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        target = self.out / "checkpoints" / f"step_{self.step:07d}"
+        with atomic_directory(target) as tmp:
+            with self.ema_weights():
+                model.save_pretrained(tmp, safe_serialization=True)
+            save_training_state(Path(tmp), state)
+        for old in checkpoint_dirs(self.out)[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, folder: Path) -> None:
+        state = load_training_state(folder)
+        weights = state.get("model") or load_file(str(folder / MODEL_WEIGHTS))
+        self.model.load_state_dict(weights)
+        self.opt_g.load_state_dict(state["opt_g"])
+        if self.disc is not None:
+            if "disc" not in state:
+                raise InfdError(f"checkpoint '{folder}' has no discriminator but this config trains one; use the run's own train_config.json.")
+            self.disc.load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self.resumed_scaler = state.get("scaler")
+
+
+def train_autoencoder(config: AETrainConfig, data, out, resume: bool = False, exclude=(), progress: bool = True) -> Path:
+    """Train (or resume) an autoencoder run in `out`; returns its last checkpoint folder."""
+    return AutoencoderTrainer(config, data, out, resume=resume, exclude=exclude, progress=progress).run()

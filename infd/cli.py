@@ -96,8 +96,8 @@ def reconstruct(
 
     out_size = geometry.parse_size(size) if size else None
     region = geometry.Box.parse(box) if box else None
-    if out.suffix.lower() not in images.SAVE_SUFFIXES:
-        raise InfdError(f"output '{out}' must end in one of {', '.join(images.SAVE_SUFFIXES)}.")
+    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
+        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
     picture = images.load_image(image)
     out_size = out_size or tuple(picture.shape[-2:])
     height, width = out_size

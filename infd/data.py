@@ -244,16 +244,20 @@ class MixedResolutionDataset(Dataset):
         if counter < 0:
             raise IndexError(f"sample counters start at 0, got {counter}.")
         n = len(self)
-        order = self._permutation(counter // n)
         failed = 0
         for attempt in range(n):
-            image = self._load(self.paths[order[(counter + attempt) % n]])
+            image = self._load(self.paths[self.image_index(counter, attempt)])
             if image is None:
                 failed += 1
                 continue
             generator = torch.Generator().manual_seed(mix_seed("sample", self.seed, counter))
             return {**make_sample(image, self.config, generator), "failed": failed}
         raise InfdError(f"all {n} images failed to decode (see the warnings above); check the image folder.")
+
+    def image_index(self, counter: int, attempt: int = 0) -> int:
+        """Index into `paths` of the image for `counter` (attempt k: the k-th fallback)."""
+        n = len(self)
+        return self._permutation(counter // n)[(counter + attempt) % n]
 
     def _permutation(self, epoch: int) -> list[int]:
         """The image order of `epoch`: a permutation of range(len), seeded by (seed, epoch)."""

@@ -164,6 +164,10 @@ def _open_pil(path: Path) -> Iterator[Image.Image]:
 
 
 def _pil_orientation(image: Image.Image) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        # PIL would decode the whole PNG looking for an eXIf chunk after the pixel data;
+        # such late chunks are rare, and the header read must stay cheap.
+        return 1
     orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     return orientation if orientation in range(1, 9) else 1
 

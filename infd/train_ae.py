@@ -243,7 +243,7 @@ class AutoencoderTrainer:
             if self.perceptual is not None:
                 perceptual = self.perceptual(pred.float(), target.float())
                 rec = rec + cfg.perceptual_weight * perceptual
-                logs["perc"] = float(perceptual)
+                logs["perc"] = float(perceptual.detach())
             loss = rec
             if out["logvar"] is not None:
                 loss = loss + cfg.kl_weight * losses.kl_loss(out["mean"], out["logvar"])
@@ -257,7 +257,7 @@ class AutoencoderTrainer:
                     weight = weight * losses.adaptive_gan_weight(rec, g_loss, model.renderer.last_layer_weight(), reduce=self.accelerator.reduce)
                 loss = loss + weight * g_loss
                 self.disc.requires_grad_(True)
-                logs["g"] = float(g_loss)
+                logs["g"] = float(g_loss.detach())
         if not torch.isfinite(loss):
             raise InfdError(f"the loss became {float(loss)} at step {self.step}; lower the learning rate or resume from an earlier checkpoint.")
         self.opt_g.zero_grad(set_to_none=True)
@@ -277,7 +277,7 @@ class AutoencoderTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         self.accelerator.backward(d_loss)
         self.opt_d.step()
-        return {"d": float(d_loss)}
+        return {"d": float(d_loss.detach())}
 
     def run(self) -> Path:
         cfg = self.config

@@ -33,3 +33,29 @@ def make_tiny_model():
         return NeuralFieldAutoencoder(**{**TINY_MODEL, "renderer_type": renderer, **overrides}).eval()
 
     return make
+
+
+def write_pattern_image(path, height: int, width: int, seed: int = 0, mode: str = "RGB") -> None:
+    """A smooth random colour pattern with some texture, saved with PIL."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    freq = rng.uniform(2, 9, size=(2, 3))
+    phase = rng.uniform(0, 6, size=(2, 3))
+    image = 0.5 + 0.25 * np.sin(freq[0] * 3 * y + phase[0]) + 0.2 * np.cos(freq[1] * 3 * x + phase[1])
+    image = image + 0.05 * np.sin(40 * x + 30 * y)
+    array = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+    Image.fromarray(array).convert(mode).save(path)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Six generated images of mixed sizes and aspect ratios."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 64), (64, 48), (80, 80), (36, 90), (50, 50), (72, 40)]):
+        write_pattern_image(folder / f"img{i}.png", h, w, seed=i)
+    return folder

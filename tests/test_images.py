@@ -107,7 +107,7 @@ def test_16bit_png_keeps_precision(tmp_path):
     Image.fromarray(np.full((12, 16), 1000, np.uint16)).save(tmp_path / "g16.png")
     value = load_image(tmp_path / "g16.png")[0, 0, 0].item()
     assert value == pytest.approx(1000 / 65535, abs=1e-7)
-    assert abs(round(1000 / 65535 * 255) / 255 - 1000 / 65535) > 1e-3  # 8 bits could not hold it
+    assert abs(round(1000 / 65535 * 255) / 255 - 1000 / 65535) > 1e-4  # 8 bits could not hold it
 
 
 def test_16bit_rgb_png_keeps_precision(tmp_path):
@@ -223,10 +223,12 @@ def test_to_uint8_rounds_and_clips():
 
 @pytest.mark.parametrize("suffix", [".png", ".tif", ".jpg", ".webp"])
 def test_save_round_trip(tmp_path, suffix):
-    pixels = noise(20, 30)
+    x, y = np.meshgrid(np.arange(30) * 8, np.arange(20) * 12, indexing="xy")
+    pixels = np.stack([x, y, np.full((20, 30), 90)], -1)
+    pixels = pixels.astype(np.uint8)  # smooth, so lossy formats stay close
     save_image(pixels, tmp_path / f"out{suffix}")
     back = to_uint8_hwc(load_image(tmp_path / f"out{suffix}"))
-    tolerance = 0 if suffix in (".png", ".tif") else 40
+    tolerance = 0 if suffix in (".png", ".tif") else 4
     assert np.abs(back.astype(int) - pixels).mean() <= tolerance
     save_image(torch.from_numpy(pixels).permute(2, 0, 1) / 255, tmp_path / f"t{suffix}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"out{suffix}", f"t{suffix}"])
@@ -278,12 +280,13 @@ def test_atomic_directory(tmp_path):
 
 
 def test_resize_antialias_averages_fine_detail():
-    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float().expand(3, 64, 64)
+    # 48 -> 16: bicubic without antialiasing samples exactly on input pixels (3i + 1), so it aliases.
+    checker = ((torch.arange(48)[:, None] + torch.arange(48)[None, :]) % 2).float().expand(3, 48, 48)
     small = resize(checker, (16, 16))
     assert small.shape == (3, 16, 16)
     assert (small - 0.5).abs().max() < 0.02  # antialiased: the checkerboard averages to gray
     aliased = resize(checker, (16, 16), antialias=False)
-    assert (aliased - 0.5).abs().max() > 0.2
+    assert (aliased - 0.5).abs().min() == 0.5
 
 
 def test_resize_shapes_constants_and_identity():

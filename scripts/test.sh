@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# Set up .venv (if missing) with the test extras and run the whole test suite.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh" test
+python -m pytest -q "$@"

@@ -1,0 +1,94 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from infd.errors import InfdError
+from infd.train_ae import AETrainConfig, checkpoint_dirs, train_autoencoder
+
+from conftest import TINY_MODEL
+
+
+def tiny_config(**overrides) -> AETrainConfig:
+    values = dict(
+        model={k: v for k, v in TINY_MODEL.items() if k != "input_size"},
+        data={"input_size": 32, "crop_size": 24},
+        steps=50,
+        batch_size=4,
+        lr=2e-3,
+        perceptual="ffl",
+        gan_weight=0.5,
+        gan_start=30,
+        num_workers=0,
+        log_every=5,
+        checkpoint_every=25,
+        sample_every=50,
+    )
+    values.update(overrides)
+    return AETrainConfig.from_dict(values)
+
+
+def read_log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(image_folder, tmp_path):
+    run = tmp_path / "run"
+    last = train_autoencoder(tiny_config(steps=100, gan_start=80, checkpoint_every=50, sample_every=100), image_folder, run, progress=False)
+    log = read_log(run)
+    assert log[-1]["step"] == 100
+    first, final = (log[0]["l1"] + log[1]["l1"]) / 2, (log[-4]["l1"] + log[-5]["l1"]) / 2
+    assert final < 0.85 * first, f"l1 went from {first} to {final}"
+    assert "d" in log[-1] and "g" in log[-1], "the GAN terms should be active after gan_start"
+    files = sorted(p.name for p in last.iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.safetensors", "training_state.json", "training_state.safetensors"]
+    assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+    assert (run / "samples" / "step_0000100.png").is_file()
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000050", "step_0000100"]
+
+
+def test_resume_continues_exactly(image_folder, tmp_path):
+    options = dict(gan_start=3, ema_decay=0.9, checkpoint_every=4, sample_every=100)
+    straight = train_autoencoder(tiny_config(steps=8, **options), image_folder, tmp_path / "a", progress=False)
+    train_autoencoder(tiny_config(steps=4, **options), image_folder, tmp_path / "b", progress=False)
+    resumed = train_autoencoder(tiny_config(steps=8, **options), image_folder, tmp_path / "b", resume=True, progress=False)
+    for name in ("diffusion_pytorch_model.safetensors", "training_state.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key} differs after resume"
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(image_folder, tmp_path):
+    train_autoencoder(tiny_config(steps=2, checkpoint_every=2), image_folder, tmp_path / "run", progress=False)
+    with pytest.raises(InfdError, match="--resume"):
+        train_autoencoder(tiny_config(steps=4), image_folder, tmp_path / "run", progress=False)
+    with pytest.raises(InfdError, match="no checkpoint"):
+        train_autoencoder(tiny_config(steps=4), image_folder, tmp_path / "fresh", resume=True, progress=False)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(InfdError, match="unknown training option"):
+        AETrainConfig.from_dict({"stepz": 3})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ nope")
+    with pytest.raises(InfdError, match="not valid JSON"):
+        AETrainConfig.load(bad)
+    with pytest.raises(InfdError, match="does not exist"):
+        AETrainConfig.load(tmp_path / "missing.json")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("ae-*.json"))
+    assert configs
+    for path in configs:
+        AETrainConfig.load(path).validate()
+
+
+def test_vq_latent_trains(image_folder, tmp_path):
+    cfg = tiny_config(steps=4, gan_weight=0.0, model={**tiny_config().model, "latent_type": "vq", "vq_codebook_size": 64})
+    last = train_autoencoder(cfg, image_folder, tmp_path / "vq", progress=False)
+    assert json.loads((last / "config.json").read_text())["latent_type"] == "vq"

@@ -56,7 +56,7 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise InfdError(f"image folder {root} does not exist; pass a folder that contains images.")
+        raise InfdError(f"image folder {root} does not exist or is not a folder; pass a folder of images.")
     paths = sorted(
         path
         for path in root.rglob("*")
@@ -128,7 +128,9 @@ def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Genera
     lowest = min_target_scale(native, config.input_size, c)
     scale = lowest + (1 - lowest) * torch.rand((), generator=generator, dtype=torch.float64).item()
     rh, rw = target_resolution(native, scale, c)
-    # The native pixels themselves when no downsampling is needed: no resampling blur.
+    # resize returns the native pixels themselves when no downsampling is needed: no blur.
+    # (Resizing only the crop's neighbourhood was tried: in torch on CPU it is slower than
+    # the whole antialiased resize, which is well vectorised.)
     target = resize(image, (rh, rw))
     top, left = _randint(rh - c + 1, generator), _randint(rw - c + 1, generator)
     gt = target[:, top : top + c, left : left + c]
@@ -166,7 +168,8 @@ def _to_signed(image: torch.Tensor) -> torch.Tensor:
 def mix_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple, e.g. ("sample", seed, counter); distinct tuples give
     unrelated streams (unlike seed * k + counter, which collides across seeds)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    canonical = tuple(part if isinstance(part, str) else int(part) for part in parts)  # np.int64(3) -> 3
+    digest = hashlib.blake2b(repr(canonical).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -194,7 +197,7 @@ class MixedResolutionDataset(Dataset):
         exclude: Iterable[str] = (),
     ) -> None:
         self.config = config or DataConfig()
-        self.seed = seed
+        self.seed = int(seed)
         excluded = {Path(name).name for name in exclude}
         candidates = list_images(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
         candidates = [path for path in candidates if path.name not in excluded]

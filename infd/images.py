@@ -281,7 +281,7 @@ def _pil_to_array(image: Image.Image) -> np.ndarray:
     if "transparency" in image.info and mode in ("L", "RGB", "P"):
         image = image.convert("RGBA")  # a transparent colour key becomes a real alpha channel
     elif mode not in ("L", "LA", "RGB", "RGBA"):  # P, PA, CMYK, YCbCr, LAB, HSV, RGBa, ...
-        image = image.convert("RGBA" if "A" in mode else "RGB")
+        image = image.convert("RGBA" if "A" in mode.upper() else "RGB")
     array = np.asarray(image, dtype=np.float32) / 255
     return array[..., None] if array.ndim == 2 else array
 
@@ -360,3 +360,4 @@ def resize(image: torch.Tensor, size: Size, antialias: bool = True) -> torch.Ten
     batch = image.reshape(-1, *image.shape[-3:])
     resized = F.interpolate(batch, size=(h, w), mode="bicubic", antialias=antialias, align_corners=False)
     return resized.clamp(0, 1).reshape(*leading, image.shape[-3], h, w)
+

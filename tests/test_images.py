@@ -296,3 +296,4 @@ def test_resize_shapes_constants_and_identity():
     image = torch.rand(3, 20, 30)
     assert resize(image, (20, 30)) is image
     assert 0 <= resize(image, (50, 70)).min() and resize(image, (50, 70)).max() <= 1  # bicubic overshoot clamped
+

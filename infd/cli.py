@@ -39,7 +39,7 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except InfdError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False)
+            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/]; nothing was left half-written.")

@@ -250,13 +250,14 @@ class AutoencoderTrainer:
             else:
                 loss = loss + cfg.vq_weight * out["vq_loss"]
             if self.disc is not None and self.step >= cfg.gan_start:
-                self.disc.requires_grad_(False)
-                g_loss = losses.generator_loss(self.disc(pred))
+                # The generator's view of the discriminator: unwrapped (no DDP gradient sync) and frozen.
+                disc = self.accelerator.unwrap_model(self.disc).requires_grad_(False)
+                g_loss = losses.generator_loss(disc(pred))
                 weight = cfg.gan_weight
                 if cfg.adaptive_gan_weight:
                     weight = weight * losses.adaptive_gan_weight(rec, g_loss, model.renderer.last_layer_weight(), reduce=self.accelerator.reduce)
                 loss = loss + weight * g_loss
-                self.disc.requires_grad_(True)
+                disc.requires_grad_(True)
                 logs["g"] = float(g_loss.detach())
         if not torch.isfinite(loss):
             raise InfdError(f"the loss became {float(loss)} at step {self.step}; lower the learning rate or resume from an earlier checkpoint.")

@@ -1,0 +1,249 @@
+"""Helpers shared by the benchmarks: machine description, timing, peak memory, results.
+
+Every benchmark prints a rich table, writes `results/<name>-<device>.json` (machine +
+rows) and a PNG plot beside it. CPU peak memory is read from a fresh child process
+(peak RSS), CUDA peak memory from the caching allocator.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+
+
+# ---------------------------------------------------------------- machine
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    """CPU model name and the flags of interest, from /proc/cpuinfo (Linux) or platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), []
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name", platform.machine()), [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the numbers were measured on: CPU, cores, threads, torch, GPU, date, commit."""
+    cpu_model, cpu_flags = _cpuinfo()
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "cpu": cpu_model,
+        "cpu_flags": cpu_flags,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+        )
+    return info
+
+
+def describe_machine(info: dict) -> str:
+    """One line for the console."""
+    text = f"{info['cpu']} ({info['cpu_affinity'] or info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+    if info.get("gpu"):
+        text = f"{info['gpu']} ({info['gpu_memory_gib']} GiB), " + text
+    load = info.get("load_average")
+    if load:
+        text += f", load {load[0]:.1f}"
+    return f"{text}, torch {info['torch']}, commit {(info['git_commit'] or '?')[:9]}{'+dirty' if info['git_dirty'] else ''}"
+
+
+# ---------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_runs(run: Callable[[], object], repeats: int, device: torch.device) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of `run`, synchronising the GPU around each."""
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+# ---------------------------------------------------------------- memory
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; falls back to the peak)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_cuda_peak(device: torch.device) -> int:
+    """Start a CUDA peak-memory window; returns the bytes allocated now (the baseline)."""
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak_bytes(device: torch.device) -> int:
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def run_child(script: Path, payload: dict, timeout: float | None = None) -> dict:
+    """Run `script --_child JSON` in a fresh interpreter; returns the JSON dict it prints last.
+
+    Used for CPU peak memory: ru_maxrss only ever grows, so each measurement needs its
+    own process. On failure returns {"error": "..."} instead of raising.
+    """
+    command = [sys.executable, str(script), "--_child", json.dumps(payload)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return {"error": f"child failed (exit {done.returncode}): {tail}"}
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------- results
+
+
+def result_path(name: str, device: torch.device, suffix: str, out_dir: Path | None = None) -> Path:
+    folder = out_dir or RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{name}-{device.type}.{suffix}"
+
+
+def write_json(path: Path, machine: dict, rows: list[dict], **extra) -> None:
+    path.write_text(json.dumps({"machine": machine, **extra, "rows": rows}, indent=2, default=str) + "\n")
+
+
+@dataclass
+class Column:
+    """A table column: `key` into each row, `fmt` turns the value into text."""
+
+    key: str
+    header: str
+    fmt: Callable[[object], str] = str
+    justify: str = "right"
+
+
+def print_table(title: str, columns: Sequence[Column], rows: Sequence[dict]) -> None:
+    """A rich table of `rows`; columns whose values are all missing are left out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = [c for c in columns if any(row.get(c.key) is not None for row in rows)]
+    table = Table(title=title)
+    for column in shown:
+        table.add_column(column.header, justify=column.justify)
+    for row in rows:
+        table.add_row(*("—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in shown))
+    Console().print(table)
+
+
+@dataclass
+class Series:
+    label: str
+    x: list[float]
+    y: list[float]
+    style: dict = field(default_factory=dict)  # matplotlib keyword arguments
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list[Series]
+    logx: bool = True
+    logy: bool = True
+    note: str = ""  # small text under the title
+
+
+def plot_panels(path: Path, panels: Sequence[Panel], title: str) -> None:
+    """Panels side by side, one line (with markers) per series, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for s in panel.series:
+            if s.x:
+                ax.plot(s.x, s.y, label=s.label, **{"marker": "o", **s.style})
+        ax.set_xscale("log" if panel.logx else "linear")
+        ax.set_yscale("log" if panel.logy else "linear")
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if any(s.x for s in panel.series):
+            ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,8 +1,8 @@
 """Helpers shared by the benchmarks: machine description, timing, peak memory, results.
 
 Every benchmark prints a rich table, writes `results/<name>-<device>.json` (machine +
-rows) and a PNG plot beside it. CPU peak memory is read from a fresh child process
-(peak RSS), CUDA peak memory from the caching allocator.
+rows) and a PNG plot beside it. CPU peak memory is the peak RSS of a fresh process per
+measurement; CUDA peak memory comes from the caching allocator's statistics.
 """
 
 from __future__ import annotations
@@ -149,31 +149,38 @@ def cuda_peak_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
-def run_child(script: Path, payload: dict, timeout: float | None = None) -> dict:
-    """Run `script --_child JSON` in a fresh interpreter; returns the JSON dict it prints last.
+def run_in_fresh_process(function: Callable, *args, preload: Sequence[str] = ("torch",)):
+    """`function(*args)` in a new process; returns its result, or {"error": "..."} if it dies.
 
-    Used for CPU peak memory: ru_maxrss only ever grows, so each measurement needs its
-    own process. On failure returns {"error": "..."} instead of raising.
+    For CPU peak memory: ru_maxrss only ever grows, so each measurement needs a process
+    of its own. The processes fork from a forkserver that has imported `preload` (but
+    never run torch, so thread pools start clean): each starts in about a second instead
+    of paying for the imports again. `function` must be defined at module level.
     """
-    command = [sys.executable, str(script), "--_child", json.dumps(payload)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        return {"error": f"child failed (exit {done.returncode}): {tail}"}
-    return json.loads(lines[-1])
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(list(preload))  # takes effect when the server starts
+    else:
+        context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            return {"error": "the measuring process died (out of memory?)"}
 
 
 # ---------------------------------------------------------------- results
 
 
-def result_path(name: str, device: torch.device, suffix: str, out_dir: Path | None = None) -> Path:
+def result_path(name: str, device: torch.device, suffix: str, tag: str = "", out_dir: Path | None = None) -> Path:
+    """results/<name>-<device>[-<tag>].<suffix>, creating the folder."""
     folder = out_dir or RESULTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{name}-{device.type}.{suffix}"
+    return folder / f"{name}-{device.type}{'-' + tag if tag else ''}.{suffix}"
 
 
 def write_json(path: Path, machine: dict, rows: list[dict], **extra) -> None:
@@ -190,9 +197,25 @@ class Column:
     justify: str = "right"
 
 
+GOAL_COLUMNS = [
+    Column("goal", "goal", justify="left"),
+    Column("value", "value", lambda v: f"{v:.3f}"),
+    Column("target", "target"),
+    Column("met", "met", lambda v: "yes" if v else "NO"),
+]  # for rows {"goal", "value", "target", "met"}
+
+
+def make_console():
+    """A rich console at least 120 columns wide (pipes and logs default to 80)."""
+    from rich.console import Console
+
+    console = Console()
+    console.width = max(console.width, 120)
+    return console
+
+
 def print_table(title: str, columns: Sequence[Column], rows: Sequence[dict]) -> None:
     """A rich table of `rows`; columns whose values are all missing are left out."""
-    from rich.console import Console
     from rich.table import Table
 
     shown = [c for c in columns if any(row.get(c.key) is not None for row in rows)]
@@ -201,7 +224,7 @@ def print_table(title: str, columns: Sequence[Column], rows: Sequence[dict]) -> 
         table.add_column(column.header, justify=column.justify)
     for row in rows:
         table.add_row(*("—" if row.get(c.key) is None else c.fmt(row[c.key]) for c in shown))
-    Console().print(table)
+    make_console().print(table)
 
 
 @dataclass
@@ -221,6 +244,7 @@ class Panel:
     logx: bool = True
     logy: bool = True
     note: str = ""  # small text under the title
+    xticks: dict[float, str] = field(default_factory=dict)  # value -> label, replacing the default ticks
 
 
 def plot_panels(path: Path, panels: Sequence[Panel], title: str) -> None:
@@ -229,6 +253,7 @@ def plot_panels(path: Path, panels: Sequence[Panel], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -237,6 +262,15 @@ def plot_panels(path: Path, panels: Sequence[Panel], title: str) -> None:
                 ax.plot(s.x, s.y, label=s.label, **{"marker": "o", **s.style})
         ax.set_xscale("log" if panel.logx else "linear")
         ax.set_yscale("log" if panel.logy else "linear")
+        plain_numbers = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        for axis, log in ((ax.xaxis, panel.logx), (ax.yaxis, panel.logy)):
+            if log:
+                axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(plain_numbers)
+                axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        if panel.xticks:
+            ax.set_xticks(list(panel.xticks), list(panel.xticks.values()))
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=10)

@@ -69,3 +69,18 @@ def load_training_state(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         raise InfdError(f"the training state in '{folder}' is missing or damaged ({error}); resume from an earlier checkpoint.") from None
     return unflatten_state(skeleton, tensors)
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """The global RNG states a checkpoint stores for an exact resume (CPU, and CUDA when present)."""
+    states = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["rng_cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(state: dict[str, Any]) -> None:
+    """Undo `rng_states` from a loaded training state."""
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"])

@@ -10,7 +10,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +20,7 @@ from infd.errors import InfdError
 
 app = typer.Typer(
     name="infd",
-    help="Image neural field diffusion: train autoencoders whose latents render at any resolution, region and aspect ratio.",
+    help="Image neural field diffusion: autoencoders and latent diffusion models whose images render at any resolution, region and aspect ratio.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,6 +29,8 @@ console = Console(stderr=True)
 
 SIZE_HELP = "Output size as WIDTHxHEIGHT (e.g. 2048x1536) or one number for a square."
 BOX_HELP = "Region to render as y0,x0,y1,x1 in [-1, 1] image units (top-left to bottom-right); default: the whole image."
+RENDERER_HELP = "clif (default: the autoencoder's own renderer) or fixed: the fixed-resolution baseline head, upsampled."
+UPSAMPLE_HELP = "How --renderer fixed upsamples: bicubic (tiled) or lanczos (PIL, whole image)."
 
 
 def reports_errors(command):
@@ -109,6 +111,173 @@ def reconstruct(
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     rendering.render(model, z, out_size, box=region, tile=tile, sink=rendering.ArraySink(canvas), dtype=torch.bfloat16 if bf16 else None, progress=True)
     images.save_image(canvas, out)
+    console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
+
+
+@app.command("encode-latents")
+@reports_errors
+def encode_latents(
+    ae: Path = typer.Option(..., "--ae", help="Autoencoder: run folder, checkpoint folder or pipeline folder."),
+    data: Path = typer.Option(..., "--data", help="Folder of images (any sizes and formats; unreadable files are skipped and counted)."),
+    out: Path = typer.Option(..., "--out", help="Latent cache folder: safetensors shards + index.json. Run again to resume."),
+    shard_size: int = typer.Option(1024, help="Images per shard (the unit of resuming)."),
+    batch_size: int = typer.Option(16, help="Images per encoder batch."),
+    num_workers: int = typer.Option(2, help="Processes decoding images."),
+    holdout: bool = typer.Option(False, help="Leave out infd.data.WALLPAPER_HOLDOUT, the evaluation split of the wallpapers set."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Encode every image of a folder once into a latent cache for `infd train-ldm`."""
+    from infd import rendering
+    from infd.data import WALLPAPER_HOLDOUT
+    from infd.latents import encode_folder
+
+    model = rendering.load_autoencoder(ae, rendering.pick_device(device))
+    start = time.perf_counter()
+    cache = encode_folder(model, data, out, shard_size, batch_size, num_workers, WALLPAPER_HOLDOUT if holdout else (), progress)
+    skipped = cache.index["skipped"]
+    detail = f", skipped {sum(skipped.values())} ({', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""
+    shape = "x".join(map(str, cache.latent_shape))
+    console.print(f"[green]done:[/] {len(cache)} latents of {shape} in {out}{detail} ({time.perf_counter() - start:.1f} s)")
+
+
+@app.command("train-ldm")
+@reports_errors
+def train_ldm(
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints/ (pipeline folders), samples/, log.jsonl, train_config.json."),
+    ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder run or checkpoint whose latents to learn (optional with --resume)."),
+    latents: Optional[Path] = typer.Option(None, "--latents", help="Latent cache from `infd encode-latents`."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Image folder to encode on the fly instead of --latents."),
+    config: Optional[Path] = typer.Option(None, "--config", help="JSON training config (see configs/ldm-*.json); options below override it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left off."),
+    steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
+    batch_size: Optional[int] = typer.Option(None, help="Latents per step per process."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate."),
+    holdout: bool = typer.Option(False, help="With --data: leave out infd.data.WALLPAPER_HOLDOUT."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""
+    from infd.data import WALLPAPER_HOLDOUT
+    from infd.train_ldm import LDMTrainConfig, train_ldm as train
+
+    cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
+    for name, value in {"steps": steps, "batch_size": batch_size, "lr": lr}.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
+    console.print(f"[green]done:[/] last checkpoint {last}")
+
+
+def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str], upsample: str):
+    """Parse and check the options `sample` and `render` share, before any work."""
+    from infd import geometry, rendering
+    from infd.models.renderers import RENDERERS
+    from infd.pipeline import check_upsample
+
+    parsed = [geometry.parse_size(text) for text in sizes]
+    for height, width in parsed:
+        if height * width > rendering.MAX_RENDER_PIXELS:
+            raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
+    if renderer is not None and renderer not in RENDERERS:
+        raise InfdError(f"unknown renderer '{renderer}'; choose one of {', '.join(RENDERERS)}.")
+    check_upsample(renderer, upsample)
+    return parsed, geometry.Box.parse(box) if box else None
+
+
+@app.command()
+@reports_errors
+def sample(
+    ckpt: Path = typer.Option(..., "--ckpt", help="LDM: run folder from `infd train-ldm`, one of its checkpoints, or a pipeline folder."),
+    out: Path = typer.Option(..., "--out", help="Output folder: sample_NNNN.png (one per --size) and sample_NNNN.z.safetensors."),
+    n: int = typer.Option(4, "--n", help="Number of samples."),
+    size: Optional[List[str]] = typer.Option(None, "--size", help=SIZE_HELP + " Repeat to render every sample at several sizes. Default: the encoder's input size."),
+    sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
+    steps: int = typer.Option(50, help="Sampling steps."),
+    eta: float = typer.Option(0.0, help="DDIM stochasticity (0: deterministic)."),
+    seed: int = typer.Option(0, help="Sample i uses seed + i: the same seed gives the same images, whatever --batch-size."),
+    batch_size: int = typer.Option(4, help="Samples denoised together."),
+    box: Optional[str] = typer.Option(None, help=BOX_HELP),
+    renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
+    upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
+    tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    bf16: bool = typer.Option(False, help="Sample and render in bfloat16 (autocast)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from infd import images
+    from infd.diffusion import SAMPLERS, check_sampling
+    from infd.latents import save_latent
+    from infd.pipeline import find_pipeline, load_pipeline, render_to_array
+
+    if n <= 0 or batch_size <= 0:
+        raise InfdError(f"--n and --batch-size must be positive, got {n} and {batch_size}.")
+    if sampler not in SAMPLERS:
+        raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    sizes, region = _render_options(size or [], box, renderer, upsample)
+    if steps <= 0:
+        raise InfdError(f"--steps must be at least 1, got {steps}.")
+    folder = find_pipeline(ckpt)
+    pipe = load_pipeline(folder, device).use_sampler(sampler)
+    check_sampling(pipe.scheduler, steps, eta)
+    pipe.autoencoder.get_renderer(renderer)
+    sizes = sizes or [(pipe.autoencoder.config.input_size,) * 2]
+    pipe.set_progress_bar_config(desc="sampling", disable=not progress, leave=False)
+    dtype = torch.bfloat16 if bf16 else None
+    metadata = {"ckpt": str(folder), "sampler": sampler, "steps": steps, "eta": eta, "scaling_factor": pipe.scaling_factor}
+    start = time.perf_counter()
+    bar = tqdm(total=n * len(sizes), desc="render", unit="image", disable=not progress)
+    for first in range(0, n, batch_size):
+        indices = range(first, min(first + batch_size, n))
+        generators = [torch.Generator().manual_seed(seed + i) for i in indices]
+        z = pipe.sample_latents(len(indices), steps, generators, eta, dtype=dtype)
+        for row, i in enumerate(indices):
+            save_latent(out / f"sample_{i:04d}.z.safetensors", z[row : row + 1], {**metadata, "seed": seed + i, "index": i})
+            for height, width in sizes:
+                name = f"sample_{i:04d}.png" if len(sizes) == 1 else f"sample_{i:04d}_{width}x{height}.png"
+                pixels = render_to_array(pipe.autoencoder, z[row : row + 1], (height, width), region, renderer, upsample, tile, dtype)
+                images.save_image(pixels, out / name)
+                bar.update(1)
+    bar.close()
+    shown = ", ".join(f"{w}x{h}" for h, w in sizes)
+    console.print(f"[green]wrote[/] {n} samples ({shown}) and their z to {out} ({time.perf_counter() - start:.1f} s)")
+
+
+@app.command("render")
+@reports_errors
+def render_latent(
+    z: Path = typer.Argument(..., help="A latent written by `infd sample` (sample_NNNN.z.safetensors)."),
+    ckpt: Path = typer.Option(..., "--ckpt", help="The LDM run or pipeline it was sampled from, or its autoencoder."),
+    out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif)."),
+    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size."),
+    box: Optional[str] = typer.Option(None, help=BOX_HELP),
+    renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
+    upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
+    tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    bf16: bool = typer.Option(False, help="Render in bfloat16 (autocast)."),
+):
+    """Render a saved latent z again at any size, region and aspect ratio."""
+    import torch
+
+    from infd import images, rendering
+    from infd.latents import load_latent
+    from infd.pipeline import render_to_array
+
+    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
+        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
+    sizes, region = _render_options([size] if size else [], box, renderer, upsample)
+    latent, _ = load_latent(z)
+    model = rendering.load_autoencoder(ckpt, rendering.pick_device(device))
+    model.get_renderer(renderer)
+    latent = rendering.check_latent(model, latent)
+    height, width = sizes[0] if sizes else (model.config.input_size,) * 2
+    start = time.perf_counter()
+    pixels = render_to_array(model, latent, (height, width), region, renderer, upsample, tile, torch.bfloat16 if bf16 else None, progress=True)
+    images.save_image(pixels, out)
     console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
 

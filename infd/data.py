@@ -173,6 +173,12 @@ def mix_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def epoch_order(length: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` visits items 0 .. length - 1: a permutation seeded by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(mix_seed("epoch", seed, epoch))
+    return torch.randperm(length, generator=generator).tolist()
+
+
 # ------------------------------------------------------------------ the dataset
 
 
@@ -265,8 +271,7 @@ class MixedResolutionDataset(Dataset):
     def _permutation(self, epoch: int) -> list[int]:
         """The image order of `epoch`: a permutation of range(len), seeded by (seed, epoch)."""
         if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-            generator = torch.Generator().manual_seed(mix_seed("epoch", self.seed, epoch))
-            self._permutation_cache = (epoch, torch.randperm(len(self), generator=generator).tolist())
+            self._permutation_cache = (epoch, epoch_order(len(self), self.seed, epoch))
         return self._permutation_cache[1]
 
     def _load(self, path: Path) -> torch.Tensor | None:

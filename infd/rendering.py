@@ -50,7 +50,8 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder (config.json + safetensors) that `path` names.
 
     Accepts a checkpoint folder, a training run folder (its newest checkpoint) or a
-    pipeline folder (its `autoencoder/`).
+    pipeline folder (its `autoencoder/`); an `infd train-ldm` run's checkpoints are
+    pipeline folders, so such a run gives its newest checkpoint's autoencoder.
     """
     path = Path(path)
     if not path.exists():
@@ -59,9 +60,9 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     if (path / "autoencoder" / "config.json").is_file():
         return path / "autoencoder"
-    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "config.json").is_file())
+    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "config.json").is_file() or (p / "autoencoder" / "config.json").is_file())
     if steps:
-        return steps[-1]
+        return steps[-1] if (steps[-1] / "config.json").is_file() else steps[-1] / "autoencoder"
     raise InfdError(f"'{path}' holds no checkpoint (no config.json, autoencoder/ or checkpoints/step_*); pass a run or checkpoint folder.")
 
 
@@ -119,15 +120,18 @@ def check_latent(model: NeuralFieldAutoencoder, z: torch.Tensor) -> torch.Tensor
     return z
 
 
-def render_window(model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, size: Size, window: Window | None = None) -> torch.Tensor:
+def render_window(
+    model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, size: Size, window: Window | None = None, renderer: str | None = None
+) -> torch.Tensor:
     """Differentiable render of `window` of an H x W grid over `box`: (B, 3, h, w) in about [-1, 1].
 
-    `state` is `model.prepare_render(z)`; the window's halo is added here.
+    `state` is `model.prepare_render(z, renderer)`; the window's halo (that of `renderer`,
+    default the model's own) is added here.
     """
-    ys, xs = geometry.window_centers(box, size, window, halo=model.halo)
+    ys, xs = geometry.window_centers(box, size, window, halo=model.get_renderer(renderer).halo)
     b = state.shape[0]
     cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
-    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell)
+    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
 
 
 @contextlib.contextmanager
@@ -150,16 +154,19 @@ def render(
     dtype: torch.dtype | None = None,
     max_pixels: int = MAX_RENDER_PIXELS,
     progress: bool = False,
+    renderer: str | None = None,
 ) -> torch.Tensor | None:
     """Render latents z (B, C, h, w) as H x W images of `box` (default: the whole image).
 
     Returns (B, 3, H, W) float32 in [0, 1] on the CPU, or None when a `sink` takes the
     tiles (each call: sink(window, tile (B, 3, h, w))). `tile=None` renders in one piece;
     the result is the same for every tile size. `dtype` (bfloat16/float16) runs the
-    renderer under autocast.
+    renderer under autocast. `renderer="fixed"` renders with the model's fixed-resolution
+    head (the upsampled baseline) instead of its own renderer.
     """
     size = geometry.check_size(size)
     box = box or Box.full()
+    model.get_renderer(renderer)  # an unknown or missing renderer fails before any work
     param = next(model.parameters())
     z = check_latent(model, z).to(param.device, param.dtype)
     b, (h, w) = z.shape[0], size
@@ -172,9 +179,9 @@ def render(
     windows = geometry.tiles(size, tile or size)
     output = None if sink is not None else torch.empty(b, 3, h, w)
     with _precision(param.device, dtype):
-        state = model.prepare_render(z)
+        state = model.prepare_render(z, renderer)
         for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
-            rgb = render_window(model, state, box, size, window)
+            rgb = render_window(model, state, box, size, window, renderer)
             rgb = ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
             if output is None:
                 sink(window, rgb)

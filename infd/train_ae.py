@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from infd import geometry, losses
-from infd.checkpoint import load_training_state, save_training_state
+from infd.checkpoint import load_training_state, restore_rng_states, rng_states, save_training_state
 from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
 from infd.errors import InfdError
 from infd.files import atomic_directory, atomic_path
@@ -57,6 +57,7 @@ class AETrainConfig:
     adam_betas: tuple[float, float] = (0.5, 0.9)
     grad_clip: float = 1.0
     l1_weight: float = 1.0
+    fixed_head_weight: float = 1.0  # L1 of the fixed-resolution head (model option fixed_head), if any
     perceptual: str = "auto"  # auto | lpips | ffl | none
     lpips_vgg: str | None = None
     perceptual_weight: float = 1.0
@@ -94,12 +95,7 @@ class AETrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> AETrainConfig:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise InfdError(f"config file '{path}' does not exist.") from None
-        except json.JSONDecodeError as error:
-            raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
+        return cls.from_dict(read_config_file(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,8 +111,19 @@ class AETrainConfig:
             raise InfdError(f"ema_decay {self.ema_decay} must be in [0, 1).")
 
 
-def checkpoint_dirs(run: Path) -> list[Path]:
-    return sorted(p for p in (run / "checkpoints").glob("step_*") if (p / "config.json").is_file())
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a training config file; a missing or malformed file is an InfdError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InfdError(f"config file '{path}' does not exist.") from None
+    except json.JSONDecodeError as error:
+        raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
+
+
+def checkpoint_dirs(run: Path, marker: str = "config.json") -> list[Path]:
+    """A run's complete checkpoints, oldest first (`marker`: the file every one of them holds)."""
+    return sorted(p for p in (run / "checkpoints").glob("step_*") if (p / marker).is_file())
 
 
 def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
@@ -133,6 +140,20 @@ def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
         for module in (model.post_quant_conv, model.decoder):
             module.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel | None, params: list[torch.nn.Parameter]):
+    """`params` hold their EMA values inside this context (a no-op when `ema` is None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
 
 def query_centers(batch: dict[str, torch.Tensor], halo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,6 +261,10 @@ class AutoencoderTrainer:
             pred, target = out["pred"], batch["gt"]
             rec = cfg.l1_weight * losses.l1_loss(pred, target)
             logs = {"l1": float(losses.l1_loss(pred.detach(), target))}
+            if "pred_fixed" in out:  # the baseline head on the same trunk, trained jointly
+                fixed_l1 = losses.l1_loss(out["pred_fixed"], target)
+                rec = rec + cfg.fixed_head_weight * fixed_l1
+                logs["l1_fixed"] = float(fixed_l1.detach())
             if self.perceptual is not None:
                 perceptual = self.perceptual(pred.float(), target.float())
                 rec = rec + cfg.perceptual_weight * perceptual
@@ -335,19 +360,9 @@ class AutoencoderTrainer:
         model.train()
         save_image(grid, self.out / "samples" / f"step_{self.step:07d}.png")
 
-    @contextlib.contextmanager
     def ema_weights(self):
         """The model holds its EMA weights inside this context (a no-op without EMA)."""
-        if self.ema is None:
-            yield
-            return
-        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
-        self.ema.store(params)
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            self.ema.restore(params)
+        return ema_weights(self.ema, [p for p in self.unwrapped.parameters() if p.requires_grad])
 
     def save(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -358,10 +373,8 @@ class AutoencoderTrainer:
             "step": self.step,
             "failed_images": self.failed_images,
             "opt_g": self.opt_g.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
+            **rng_states(),
         }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state()
         if self.disc is not None:
             state["disc"] = self.accelerator.unwrap_model(self.disc).state_dict()
             state["opt_d"] = self.opt_d.state_dict()
@@ -391,9 +404,7 @@ class AutoencoderTrainer:
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng_cuda"])
+        restore_rng_states(state)
         self.resumed_scaler = state.get("scaler")
 
 

@@ -59,3 +59,46 @@ def image_folder(tmp_path):
     for i, (h, w) in enumerate([(40, 64), (64, 48), (80, 80), (36, 90), (50, 50), (72, 40)]):
         write_pattern_image(folder / f"img{i}.png", h, w, seed=i)
     return folder
+
+
+TINY_UNET = dict(
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+)
+"""UNet2DModel options of a tiny LDM for the tiny autoencoder's 3x8x8 latents (sample_size and channels are added)."""
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a busy 2-core machine run several times faster on one thread (no OpenMP barriers)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_tiny_pipeline(make_tiny_model):
+    """A tiny random INFDPipeline (autoencoder z 3x8x8 with the fixed head, UNet, DDPM schedule)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from infd.diffusion import make_training_scheduler
+    from infd.pipeline import INFDPipeline
+
+    def make(seed: int = 0, prediction_type: str = "epsilon", **autoencoder_options):
+        autoencoder = make_tiny_model("clif", seed=seed, fixed_head=True, **autoencoder_options)
+        c, h, _ = autoencoder.latent_shape
+        torch.manual_seed(seed)
+        unet = UNet2DModel(sample_size=h, in_channels=c, out_channels=c, **TINY_UNET).eval()
+        pipe = INFDPipeline(autoencoder, unet, make_training_scheduler(prediction_type))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make

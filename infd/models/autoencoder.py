@@ -15,7 +15,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError
-from infd.models.renderers import RENDERERS, make_renderer
+from infd.models.renderers import RENDERERS, FixedResolutionRenderer, Renderer, make_renderer
 
 LATENT_TYPES = ("kl", "vq")
 
@@ -24,7 +24,10 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     """Encoder to a fixed-size latent z; decoder to a feature map; renderer to any grid.
 
     Defaults follow the paper: a 256² input gives z of 3x64x64 and phi of 128x256x256,
-    rendered by CLIF with 256 hidden channels.
+    rendered by CLIF with 256 hidden channels. `fixed_head=True` adds the fixed-resolution
+    baseline (module `fixed_renderer`: an RGB conv at phi's resolution, upsampled) on the
+    same trunk, trained jointly, so that INFD and "fixed decoder + upsampling" are one
+    argument apart: `renderer="fixed"` in `prepare_render`/`render_window` (and rendering).
     """
 
     config_name = "config.json"
@@ -45,6 +48,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         renderer_hidden: int = 256,
         renderer_blocks: int = 2,
         scaling_factor: float = 1.0,
+        fixed_head: bool = False,
     ):
         super().__init__()
         if latent_type not in LATENT_TYPES:
@@ -70,6 +74,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
         self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
         self.renderer = make_renderer(renderer_type, block_out_channels[0], renderer_hidden, renderer_blocks)
+        self.fixed_renderer = FixedResolutionRenderer(block_out_channels[0]) if fixed_head else None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -111,13 +116,27 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         z, _ = self.quantize(z)
         return self.decoder(self.post_quant_conv(z))
 
-    def prepare_render(self, z: torch.Tensor) -> torch.Tensor:
-        """Everything that is computed once per latent; pass the result to `render_window`."""
-        return self.renderer.prepare(self.decode_features(z))
+    def get_renderer(self, name: str | None = None) -> Renderer:
+        """The renderer called `name` ("clif", "liif", "fixed"); None: the model's own."""
+        if name is None or name == self.config.renderer_type:
+            return self.renderer
+        if name == "fixed" and self.fixed_renderer is not None:
+            return self.fixed_renderer
+        if name not in RENDERERS:
+            raise InfdError(f"unknown renderer '{name}'; choose one of {', '.join(RENDERERS)}.")
+        hint = " (train it with the model option fixed_head: true)" if name == "fixed" else ""
+        raise InfdError(f"this autoencoder has no '{name}' renderer{hint}; it renders with '{self.config.renderer_type}'.")
 
-    def render_window(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        """RGB (B, 3, h, w) at query centers ys (B, h + 2 halo), xs (B, w + 2 halo), cell (B, 2)."""
-        return self.renderer(state, ys, xs, cell)
+    def prepare_render(self, z: torch.Tensor, renderer: str | None = None) -> torch.Tensor:
+        """Everything that is computed once per latent; pass the result to `render_window`."""
+        return self.get_renderer(renderer).prepare(self.decode_features(z))
+
+    def render_window(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, renderer: str | None = None) -> torch.Tensor:
+        """RGB (B, 3, h, w) at query centers ys (B, h + 2 halo), xs (B, w + 2 halo), cell (B, 2).
+
+        The halo is that of the renderer used (`get_renderer(renderer).halo`).
+        """
+        return self.get_renderer(renderer)(state, ys, xs, cell)
 
     @property
     def halo(self) -> int:
@@ -126,7 +145,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, sample: bool = True) -> dict:
         """Training pass: encode x, sample z, render the query window.
 
-        Returns pred (B, 3, h, w), mean/logvar of z, and the VQ codebook loss.
+        Returns pred (B, 3, h, w), mean/logvar of z, and the VQ codebook loss; with a fixed
+        head also pred_fixed (B, 3, h, w), its render of the same window (its halo is 0,
+        so it reads the centers without the main renderer's halo).
         """
         mean, logvar = self.encode_moments(x)
         z = mean
@@ -135,4 +156,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         z_q, vq_loss = self.quantize(z)
         phi = self.decoder(self.post_quant_conv(z_q))
         pred = self.renderer(self.renderer.prepare(phi), ys, xs, cell)
-        return {"pred": pred, "mean": mean, "logvar": logvar, "vq_loss": vq_loss}
+        out = {"pred": pred, "mean": mean, "logvar": logvar, "vq_loss": vq_loss}
+        if self.fixed_renderer is not None:
+            halo = self.renderer.halo
+            ys0, xs0 = ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo]
+            out["pred_fixed"] = self.fixed_renderer(self.fixed_renderer.prepare(phi), ys0, xs0, cell)
+        return out

@@ -26,36 +26,31 @@ from infd.errors import InfdError
 RENDERERS = ("clif", "liif", "fixed")
 
 
-def gather_nearest_features(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest feature vector of phi under each query pixel, and the query's offset from it.
+def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+    """The CLIF/LIIF input: nearest feature, offset and pixel size, laid out in query order.
 
-    phi: (B, C, h, w); ys: (B, H); xs: (B, W).
-    Returns features (B, C, H, W) and offsets oy (B, H), ox (B, W) in feature cells (float64).
-    The grid is separable, so the lookup is two 1-D gathers instead of a 2-D grid_sample.
+    phi: (B, C, h, w); ys: (B, H) and xs: (B, W) query centers; cell: (B, 2).
+    Returns (B, C + 4, H, W) in channels_last memory: C feature channels, then the offset
+    (y, x) from the nearest feature's center and the cell (y, x), both in feature cells so
+    the numbers mean the same at every resolution of phi. The grid is separable, so the
+    lookup is two 1-D index_selects per image instead of a 2-D grid_sample, written
+    straight into the channels_last buffer the convs want.
     """
     b, c, h, w = phi.shape
     iy, oy = geometry.feature_lookup(ys, h)
     ix, ox = geometry.feature_lookup(xs, w)
-    rows = torch.gather(phi, 2, iy.to(phi.device)[:, None, :, None].expand(b, c, iy.shape[1], w))
-    features = torch.gather(rows, 3, ix.to(phi.device)[:, None, None, :].expand(b, c, iy.shape[1], ix.shape[1]))
-    return features, oy, ox
-
-
-def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-    """The CLIF/LIIF input: nearest feature, offset and pixel size, laid out in query order.
-
-    Returns (B, C + 4, H, W): C feature channels, offset (y, x) and cell (y, x), both in
-    feature cells so that the numbers mean the same at every resolution of phi.
-    """
-    features, oy, ox = gather_nearest_features(phi, ys, xs)
-    b, _, hq, wq = features.shape
-    dtype, device = phi.dtype, phi.device
-    offset_y = oy.to(device, dtype)[:, None, :, None].expand(b, 1, hq, wq)
-    offset_x = ox.to(device, dtype)[:, None, None, :].expand(b, 1, hq, wq)
-    feature_size = torch.tensor(phi.shape[-2:], dtype=torch.float64)
-    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), feature_size).to(device, dtype)
-    cell_map = cell_f[:, :, None, None].expand(b, 2, hq, wq)
-    return torch.cat([features, offset_y, offset_x, cell_map], dim=1)
+    hq, wq = iy.shape[1], ix.shape[1]
+    iy, ix = iy.to(phi.device), ix.to(phi.device)
+    layout = phi.new_empty(b, hq, wq, c + 4)
+    phi_hwc = phi.permute(0, 2, 3, 1)
+    for i in range(b):
+        layout[i, :, :, :c] = phi_hwc[i].index_select(0, iy[i]).index_select(1, ix[i])
+    feature_size = torch.tensor([h, w], dtype=torch.float64)
+    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), feature_size)
+    layout[..., c] = oy.to(phi.device, phi.dtype)[:, :, None]
+    layout[..., c + 1] = ox.to(phi.device, phi.dtype)[:, None, :]
+    layout[..., c + 2 :] = cell_f.to(phi.device, phi.dtype)[:, None, None, :]
+    return layout.permute(0, 3, 1, 2)
 
 
 class Renderer(nn.Module):
@@ -102,10 +97,7 @@ class CLIFRenderer(Renderer):
         self.halo = 2 + 2 * num_blocks
 
     def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        layout = query_layout(phi, ys, xs, cell)
-        if phi.device.type == "cpu":
-            layout = layout.contiguous(memory_format=torch.channels_last)
-        h = self.blocks(self.conv_in(layout))
+        h = self.blocks(self.conv_in(query_layout(phi, ys, xs, cell)))
         return self.conv_out(F.silu(h))
 
     def last_layer_weight(self) -> torch.Tensor:

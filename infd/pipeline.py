@@ -1,0 +1,285 @@
+"""`INFDPipeline`: latent diffusion whose samples render at any resolution, region and aspect.
+
+A diffusers pipeline of three components, saved as diffusers saves any pipeline:
+
+    PIPE/model_index.json     component classes
+    PIPE/autoencoder/         infd NeuralFieldAutoencoder (its scaling_factor is the LDM's)
+    PIPE/unet/                diffusers UNet2DModel on scaled latents
+    PIPE/scheduler/           the training noise schedule (DDPMScheduler config)
+
+    pipe = INFDPipeline.from_pretrained("runs/ldm/checkpoints/step_0100000")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)   # or pipe.use_sampler("dpm++")
+    images = pipe(num_images=4, height=2048, width=2048, generator=torch.Generator().manual_seed(0)).images
+    z = pipe(num_images=1, output_type="latent", generator=...).images   # what the autoencoder decodes
+    zoom = pipe.render(z, 1024, 1024, box=Box(-0.25, -0.25, 0.25, 0.25))
+
+Sampling happens once at the latent's fixed size; only rendering depends on the output
+size. `renderer="fixed"` decodes the same latents with the autoencoder's fixed-resolution
+head and upsamples them (bicubic, or Lanczos with upsample="lanczos"): the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from PIL import Image
+
+from infd import geometry
+from infd.diffusion import check_sampling, make_sampler, sample
+from infd.errors import InfdError
+from infd.geometry import Box, Size
+from infd.models import NeuralFieldAutoencoder
+from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, render
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+UPSAMPLERS = ("bicubic", "lanczos")
+PIPELINE_INDEX = "model_index.json"
+
+
+def check_compatible(autoencoder: NeuralFieldAutoencoder, unet: UNet2DModel) -> None:
+    """The UNet must denoise latents of exactly the autoencoder's shape."""
+    c, h, w = autoencoder.latent_shape
+    cfg = unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    if cfg.in_channels != c or cfg.out_channels != c or size not in (h, (h, w)):
+        raise InfdError(
+            f"the UNet denoises {cfg.in_channels}-channel latents of size {size} but the autoencoder's latents are "
+            f"{c}x{h}x{w}; use the autoencoder the LDM was trained with."
+        )
+
+
+def check_upsample(renderer: str | None, upsample: str) -> None:
+    if upsample not in UPSAMPLERS:
+        raise InfdError(f"unknown upsampling '{upsample}'; choose one of {', '.join(UPSAMPLERS)}.")
+    if upsample == "lanczos" and renderer != "fixed":
+        raise InfdError("Lanczos upsampling applies to the fixed-resolution renderer only; add --renderer fixed.")
+
+
+def lanczos_render(autoencoder: NeuralFieldAutoencoder, z: torch.Tensor, size: Size, box: Box | None = None) -> torch.Tensor:
+    """The fixed head's image at its native resolution, Lanczos-resampled to `size` over `box`.
+
+    z: (B, C, h, w) -> (B, 3, H, W) float32 in [0, 1]. Resampling runs in float per
+    channel (PIL mode "F"), so nothing is quantised before the final image.
+    """
+    box = box or Box.full()
+    if not box.is_inside_image():
+        raise InfdError(f"Lanczos upsampling needs a box inside the image [-1, 1]², got {box.as_tuple()}.")
+    native = autoencoder.feature_shape[1:]
+    return lanczos_resize(render(autoencoder, z, native, renderer="fixed", tile=None), size, box)
+
+
+def lanczos_resize(images: torch.Tensor, size: Size, box: Box) -> torch.Tensor:
+    """Lanczos resampling of `box` of images (B, 3, h, w) in [0, 1] to (B, 3, H, W), in float."""
+    h, w = geometry.check_size(size)
+    top, left, bottom, right = box.to_pixels(tuple(images.shape[-2:]))
+    images = images.float().cpu()
+    out = torch.empty(images.shape[0], 3, h, w)
+    for i in range(images.shape[0]):
+        for c in range(3):
+            channel = Image.fromarray(images[i, c].numpy(), mode="F")
+            resized = channel.resize((w, h), Image.Resampling.LANCZOS, box=(left, top, right, bottom))
+            out[i, c] = torch.from_numpy(np.array(resized))
+    return out.clamp(0, 1)
+
+
+def render_latents(
+    autoencoder: NeuralFieldAutoencoder,
+    z: torch.Tensor,
+    size: Size,
+    box: Box | None = None,
+    renderer: str | None = None,
+    upsample: str = "bicubic",
+    tile: int | Size | None = DEFAULT_TILE,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Render z (B, C, h, w) at `size` with the chosen renderer: (B, 3, H, W) in [0, 1]."""
+    check_upsample(renderer, upsample)
+    if upsample == "lanczos":
+        return lanczos_render(autoencoder, check_latent(autoencoder, z), size, box)
+    return render(autoencoder, z, size, box=box, tile=tile, dtype=dtype, renderer=renderer)
+
+
+def render_to_array(
+    autoencoder: NeuralFieldAutoencoder,
+    z: torch.Tensor,
+    size: Size,
+    box: Box | None = None,
+    renderer: str | None = None,
+    upsample: str = "bicubic",
+    tile: int | Size | None = DEFAULT_TILE,
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """One latent z (1, C, h, w) as an (H, W, 3) uint8 image, tile by tile (memory flat in H x W).
+
+    `infd sample` and `infd render` both go through here, so a saved z renders to the
+    very pixels of the image it was saved with.
+    """
+    h, w = geometry.check_size(size)
+    canvas = np.empty((h, w, 3), dtype=np.uint8)
+    sink = ArraySink(canvas)
+    check_upsample(renderer, upsample)
+    if upsample == "lanczos":
+        sink(geometry.Window(0, 0, h, w), lanczos_render(autoencoder, check_latent(autoencoder, z), (h, w), box))
+    else:
+        render(autoencoder, z, (h, w), box=box, tile=tile, dtype=dtype, renderer=renderer, sink=sink, progress=progress)
+    return canvas
+
+
+class INFDPipeline(DiffusionPipeline):
+    """Unconditional latent diffusion on a neural-field latent (see the module docstring).
+
+    Components: `autoencoder` (NeuralFieldAutoencoder; its config's scaling_factor maps
+    the UNet's latents back to z), `unet` (UNet2DModel) and `scheduler` (any diffusers
+    scheduler of the training noise schedule; swap it like in any pipeline).
+    """
+
+    model_cpu_offload_seq = "unet->autoencoder"
+
+    def __init__(self, autoencoder: NeuralFieldAutoencoder, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        check_compatible(autoencoder, unet)
+        self.register_modules(autoencoder=autoencoder, unet=unet, scheduler=scheduler)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.autoencoder.config.scaling_factor)
+
+    def use_sampler(self, name: str) -> INFDPipeline:
+        """Swap the scheduler for sampler `name` (ddim, dpm++, ddpm) of the same noise schedule."""
+        self.scheduler = make_sampler(name, self.scheduler.config)
+        return self
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        num_images: int = 1,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Sample z (num_images, C, h, w): the autoencoder's latents (unscaled), float32."""
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+            raise InfdError(f"num_images must be a positive whole number, got {num_images!r}.")
+        if isinstance(generator, list) and len(generator) != num_images:
+            raise InfdError(f"pass one generator per image: got {len(generator)} for {num_images} images.")
+        shape = (num_images, *self.autoencoder.latent_shape)
+        x = sample(self.unet, self.scheduler, shape, num_inference_steps, generator, eta, latents, dtype, progress=self._steps_bar)
+        return x / self.scaling_factor
+
+    def _steps_bar(self, timesteps):
+        return self.progress_bar(iterable=timesteps)
+
+    @torch.no_grad()
+    def render(
+        self,
+        z: torch.Tensor,
+        height: int | None = None,
+        width: int | None = None,
+        box: Box | None = None,
+        renderer: str | None = None,
+        upsample: str = "bicubic",
+        tile: int | Size | None = DEFAULT_TILE,
+        dtype: torch.dtype | None = None,
+        output_type: str = "pil",
+    ):
+        """Render latents z (B, C, h, w) at height x width (default: the encoder's input size)."""
+        if output_type not in OUTPUT_TYPES or output_type == "latent":
+            raise InfdError(f"unknown output type '{output_type}'; choose one of pil, np, pt.")
+        size = self._size(height, width)
+        images = render_latents(self.autoencoder, z, size, box, renderer, upsample, tile, dtype)
+        return to_output(images, output_type)
+
+    def _size(self, height: int | None, width: int | None) -> Size:
+        default = self.autoencoder.config.input_size
+        return geometry.check_size((default if height is None else height, default if width is None else width), "image size")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_images: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        box: Box | None = None,
+        renderer: str | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        upsample: str = "bicubic",
+        tile: int | Size | None = DEFAULT_TILE,
+        dtype: torch.dtype | None = None,
+        return_dict: bool = True,
+    ):
+        """Sample `num_images` latents and render them at height x width over `box`.
+
+        output_type: "pil" (list of PIL images), "np" ((B, H, W, 3) float32 in [0, 1]),
+        "pt" ((B, 3, H, W) float32 in [0, 1]) or "latent" (z (B, C, h, w), what the
+        autoencoder decodes; render it later with `render`). `latents` is the starting
+        noise (B, C, h, w) instead of drawing it from `generator`. Everything is checked
+        before sampling starts.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise InfdError(f"unknown output type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}.")
+        size = self._size(height, width)
+        check_sampling(self.scheduler, num_inference_steps, eta)
+        if output_type != "latent":
+            check_upsample(renderer, upsample)
+            self.autoencoder.get_renderer(renderer)
+        z = self.sample_latents(num_images, num_inference_steps, generator, eta, latents, dtype)
+        if output_type == "latent":
+            images = z
+        else:
+            images = to_output(render_latents(self.autoencoder, z, size, box, renderer, upsample, tile, dtype), output_type)
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [0, 1] -> the pipeline's output type."""
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).contiguous().numpy()
+    if output_type == "np":
+        return array
+    return [Image.fromarray((np.clip(a, 0, 1) * 255).round().astype(np.uint8)) for a in array]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def find_pipeline(path: str | os.PathLike) -> Path:
+    """The pipeline folder `path` names: a pipeline folder, or an LDM run (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise InfdError(f"checkpoint '{path}' does not exist; pass a run folder from `infd train-ldm`, one of its checkpoints or a pipeline folder.")
+    if (path / PIPELINE_INDEX).is_file():
+        return path
+    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / PIPELINE_INDEX).is_file())
+    if steps:
+        return steps[-1]
+    if (path / "config.json").is_file() or any((path / "checkpoints").glob("step_*/config.json")):
+        raise InfdError(f"'{path}' is an autoencoder, not a latent diffusion model; pass a run from `infd train-ldm` or a pipeline folder.")
+    raise InfdError(f"'{path}' holds no pipeline ({PIPELINE_INDEX} or checkpoints/step_*/{PIPELINE_INDEX}); pass a run from `infd train-ldm` or a pipeline folder.")
+
+
+def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu") -> INFDPipeline:
+    """Load a pipeline folder or an LDM run's newest checkpoint onto `device`; errors are one sentence."""
+    folder = find_pipeline(path)
+    try:
+        pipe = INFDPipeline.from_pretrained(folder)
+    except InfdError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InfdError(f"could not load the pipeline from '{folder}': {reason}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(pick_device(device) if isinstance(device, str) else device)

@@ -194,7 +194,7 @@ def sample(
     sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
     steps: int = typer.Option(50, help="Sampling steps."),
     eta: float = typer.Option(0.0, help="DDIM stochasticity (0: deterministic)."),
-    seed: int = typer.Option(0, help="Sample i uses seed + i: the same seed gives the same images, whatever --batch-size."),
+    seed: int = typer.Option(0, help="Sample i starts from the noise of seed + i: the same seed gives the same images (--batch-size changes only float rounding)."),
     batch_size: int = typer.Option(4, help="Samples denoised together."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),

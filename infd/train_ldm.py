@@ -236,16 +236,7 @@ class LDMTrainer:
         if state is not None and state["autoencoder_fingerprint"] != self.fingerprint:
             raise InfdError(f"--ae '{autoencoder}' is not the autoencoder this run was trained with; leave --ae out to use the run's own copy.")
         latent_shape = self.autoencoder.latent_shape
-        if latents is not None:
-            source = LatentCache.open(latents)
-            if source.latent_shape != latent_shape or source.fingerprint != self.fingerprint:
-                raise InfdError(
-                    f"the latents in '{latents}' ({'x'.join(map(str, source.latent_shape))}) were encoded by another autoencoder "
-                    f"than --ae; encode them again with this autoencoder or pass the one they came from."
-                )
-        else:
-            excluded = {Path(name).name for name in exclude}
-            source = EncoderInputs([p for p in list_images(data) if p.name not in excluded], self.autoencoder.config.input_size)
+        source = self.open_source(latents, data, exclude)
         self.dataset = LatentSamples(source, latent_shape, config.num_train_timesteps, config.seed)
 
         self.unet = build_unet(config.unet, latent_shape)
@@ -267,6 +258,19 @@ class LDMTrainer:
     @property
     def unwrapped(self) -> UNet2DModel:
         return self.accelerator.unwrap_model(self.unet)
+
+    def open_source(self, latents, data, exclude) -> LatentCache | EncoderInputs:
+        """The latent cache (made by this very autoencoder), or the image folder to encode on the fly."""
+        if latents is None:
+            excluded = {Path(name).name for name in exclude}
+            return EncoderInputs([p for p in list_images(data) if p.name not in excluded], self.autoencoder.config.input_size)
+        cache = LatentCache.open(latents)
+        if cache.latent_shape != self.autoencoder.latent_shape or cache.fingerprint != self.fingerprint:
+            raise InfdError(
+                f"the latents in '{latents}' ({'x'.join(map(str, cache.latent_shape))}) were encoded by another autoencoder "
+                f"than --ae; encode them again with this autoencoder or pass the one they came from."
+            )
+        return cache
 
     @torch.no_grad()
     def estimate_std(self, source: LatentCache | EncoderInputs) -> float:

@@ -158,7 +158,8 @@ def train_ldm(
 ):
     """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""
     from infd.data import WALLPAPER_HOLDOUT
-    from infd.train_ldm import LDMTrainConfig, train_ldm as train
+    from infd.train_ldm import LDMTrainConfig
+    from infd.train_ldm import train_ldm as train
 
     cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
     for name, value in {"steps": steps, "batch_size": batch_size, "lr": lr}.items():

@@ -26,7 +26,15 @@ from torch.utils.data import Dataset, Sampler
 from infd import geometry
 from infd.errors import InfdError
 from infd.geometry import Size
-from infd.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, image_size, load_image, resize
+from infd.images import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    image_size,
+    load_image,
+    resize,
+)
 
 log = logging.getLogger(__name__)
 

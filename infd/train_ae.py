@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,19 +25,23 @@ import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from infd import geometry, losses
-from infd.checkpoint import load_training_state, restore_rng_states, rng_states, save_training_state
+from infd.checkpoint import (
+    load_training_state,
+    restore_rng_states,
+    rng_states,
+    save_training_state,
+)
 from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
 from infd.errors import InfdError
-from infd.files import atomic_directory, atomic_path
+from infd.files import atomic_directory
 from infd.geometry import Box
 from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import find_checkpoint, render_window
+from infd.training import StepTrainer, check_common_options, step_loader
 
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -101,14 +103,7 @@ class AETrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise InfdError("steps and batch_size must be positive.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InfdError(f"learning rate {self.lr} must be a positive number.")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise InfdError(f"mixed_precision '{self.mixed_precision}' must be auto, no, bf16 or fp16.")
-        if not 0 <= self.ema_decay < 1:
-            raise InfdError(f"ema_decay {self.ema_decay} must be in [0, 1).")
+        check_common_options(self)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -198,8 +193,10 @@ def reconstruction_grid(model: NeuralFieldAutoencoder, images: list[torch.Tensor
     return torch.cat(rows, dim=-2)
 
 
-class AutoencoderTrainer:
+class AutoencoderTrainer(StepTrainer):
     """Holds the state of one training run; `run()` trains until `config.steps`."""
+
+    name = "train-ae"
 
     def __init__(self, config: AETrainConfig, data: str | Path | list, out: str | Path, resume: bool = False, exclude=(), progress: bool = True):
         config.validate()
@@ -244,14 +241,7 @@ class AutoencoderTrainer:
 
     def batches(self):
         sampler = StepBatchSampler(self.config.batch_size, self.step, self.accelerator.process_index, self.accelerator.num_processes)
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=self.config.num_workers,
-            persistent_workers=self.config.num_workers > 0,
-            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
-        )
-        return iter(loader)
+        return step_loader(self.dataset, sampler, self.config.num_workers, self.config.seed)
 
     def generator_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg, model = self.config, self.unwrapped
@@ -305,42 +295,17 @@ class AutoencoderTrainer:
         self.opt_d.step()
         return {"d": float(d_loss.detach())}
 
-    def run(self) -> Path:
-        cfg = self.config
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.out / "train_config.json") as tmp:
-                tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.model.train()
-        batches = self.batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train-ae", disable=not (self.progress and self.accelerator.is_main_process))
-        started, first_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            batch = next(batches)
-            self.failed_images += int(batch.pop("failed").sum())
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            logs = self.generator_step(batch)
-            if self.disc is not None and self.step >= cfg.gan_start:
-                logs.update(self.discriminator_step(batch))
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rate = (self.step - first_step) * cfg.batch_size * self.accelerator.num_processes / (time.perf_counter() - started)
-                logs.update(step=self.step, images_per_s=rate, skipped=self.failed_images)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k not in ("step",)})
-                self.log(logs)
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
-                self.write_samples()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        return checkpoint_dirs(self.out)[-1]
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        logs = self.generator_step(batch)
+        if self.disc is not None and self.step >= self.config.gan_start:
+            logs.update(self.discriminator_step(batch))
+        return logs
 
-    def log(self, logs: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(logs) + "\n")
+    def training_module(self) -> torch.nn.Module:
+        return self.model
+
+    def last_checkpoint(self) -> Path:
+        return checkpoint_dirs(self.out)[-1]
 
     def write_samples(self, count: int = 4) -> None:
         if not self.accelerator.is_main_process:

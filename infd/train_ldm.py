@@ -19,11 +19,9 @@ continues bit for bit. The same script runs on the CPU, one GPU (bf16) or many
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,18 +33,34 @@ from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from infd.checkpoint import load_training_state, restore_rng_states, rng_states, save_training_state
+from infd.checkpoint import (
+    load_training_state,
+    restore_rng_states,
+    rng_states,
+    save_training_state,
+)
 from infd.data import StepBatchSampler, epoch_order, list_images, mix_seed
-from infd.diffusion import PREDICTION_TYPES, SAMPLERS, diffusion_loss, make_training_scheduler
+from infd.diffusion import (
+    PREDICTION_TYPES,
+    SAMPLERS,
+    diffusion_loss,
+    make_training_scheduler,
+)
 from infd.errors import InfdError
-from infd.files import atomic_directory, atomic_path
+from infd.files import atomic_directory
 from infd.images import save_image
-from infd.latents import EncoderInputs, LatentCache, keep_items, latent_std, weights_fingerprint
+from infd.latents import (
+    EncoderInputs,
+    LatentCache,
+    keep_items,
+    latent_std,
+    weights_fingerprint,
+)
 from infd.pipeline import INFDPipeline
 from infd.rendering import load_autoencoder, render
 from infd.train_ae import MODEL_WEIGHTS, checkpoint_dirs, ema_weights, read_config_file
+from infd.training import StepTrainer, check_common_options, step_loader
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +119,9 @@ class LDMTrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise InfdError("steps and batch_size must be positive.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InfdError(f"learning rate {self.lr} must be a positive number.")
+        check_common_options(self)
         if self.prediction_type not in PREDICTION_TYPES:
             raise InfdError(f"unknown prediction type '{self.prediction_type}'; choose one of {', '.join(PREDICTION_TYPES)}.")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise InfdError(f"mixed_precision '{self.mixed_precision}' must be auto, no, bf16 or fp16.")
-        if not 0 <= self.ema_decay < 1:
-            raise InfdError(f"ema_decay {self.ema_decay} must be in [0, 1).")
         if self.scaling_factor is not None and not (self.scaling_factor > 0 and math.isfinite(self.scaling_factor)):
             raise InfdError(f"scaling_factor {self.scaling_factor} must be a positive number (or null to compute it).")
         if self.sample_sampler not in SAMPLERS:
@@ -197,8 +204,11 @@ class LatentSamples(Dataset):
 # ------------------------------------------------------------------ the trainer
 
 
-class LDMTrainer:
+class LDMTrainer(StepTrainer):
     """Holds the state of one LDM run; `run()` trains until `config.steps`."""
+
+    name = "train-ldm"
+    rate_name = "latents_per_s"
 
     def __init__(
         self,
@@ -303,14 +313,7 @@ class LDMTrainer:
     def batches(self):
         sampler = StepBatchSampler(self.config.batch_size, self.step, self.accelerator.process_index, self.accelerator.num_processes)
         workers = self.config.num_workers if isinstance(self.dataset.source, EncoderInputs) else 0  # a cache is already in memory
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=sampler,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            generator=torch.Generator().manual_seed(self.config.seed),  # keeps the global RNG untouched
-        )
-        return iter(loader)
+        return step_loader(self.dataset, sampler, workers, self.config.seed)
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -347,40 +350,11 @@ class LDMTrainer:
             self.ema.step(self.unwrapped.parameters())
         return {"loss": float(loss.detach()), "lr": lr}
 
-    def run(self) -> Path:
-        cfg = self.config
-        if self.accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with atomic_path(self.out / "train_config.json") as tmp:
-                tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.unet.train()
-        batches = self.batches()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train-ldm", disable=not (self.progress and self.accelerator.is_main_process))
-        started, first_step = time.perf_counter(), self.step
-        while self.step < cfg.steps:
-            batch = next(batches)
-            self.failed_images += int(batch.pop("failed").sum())
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            logs = self.train_step(batch)
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                rate = (self.step - first_step) * cfg.batch_size * self.accelerator.num_processes / (time.perf_counter() - started)
-                logs.update(step=self.step, latents_per_s=rate, skipped=self.failed_images)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "step"})
-                self.log(logs)
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
-                self.write_samples()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                self.save()
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        return checkpoint_dirs(self.out, PIPELINE_MARKER)[-1]
+    def training_module(self) -> torch.nn.Module:
+        return self.unet
 
-    def log(self, logs: dict[str, float]) -> None:
-        if self.accelerator.is_main_process:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.write(json.dumps(logs) + "\n")
+    def last_checkpoint(self) -> Path:
+        return checkpoint_dirs(self.out, PIPELINE_MARKER)[-1]
 
     def ema_weights(self):
         """The UNet holds its EMA weights inside this context (a no-op without EMA)."""

@@ -15,7 +15,12 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError
-from infd.models.renderers import RENDERERS, FixedResolutionRenderer, Renderer, make_renderer
+from infd.models.renderers import (
+    RENDERERS,
+    FixedResolutionRenderer,
+    Renderer,
+    make_renderer,
+)
 
 LATENT_TYPES = ("kl", "vq")
 

@@ -1,0 +1,96 @@
+"""The step loop that every infd trainer shares (autoencoder, latent diffusion).
+
+A trainer subclass holds `config` (steps, batch_size, log_every, sample_every,
+checkpoint_every), `out`, `accelerator`, `step`, `failed_images` and `progress`, and
+provides `batches()`, `train_step(batch) -> logs`, `write_samples()`, `save()` and
+`last_checkpoint()`. The loop logs to a progress bar and `out/log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from infd.errors import InfdError
+from infd.files import atomic_path
+
+
+def check_common_options(config) -> None:
+    """The options every training config has: steps, batch size, learning rate, precision, EMA."""
+    if config.steps <= 0 or config.batch_size <= 0:
+        raise InfdError("steps and batch_size must be positive.")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise InfdError(f"learning rate {config.lr} must be a positive number.")
+    if config.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise InfdError(f"mixed_precision '{config.mixed_precision}' must be auto, no, bf16 or fp16.")
+    if not 0 <= config.ema_decay < 1:
+        raise InfdError(f"ema_decay {config.ema_decay} must be in [0, 1).")
+
+
+def _one_thread_per_worker(_: int) -> None:
+    # Workers that also use every core oversubscribe the CPU with the training process;
+    # OpenMP's spinning then slows both many times over on small machines.
+    torch.set_num_threads(1)
+
+
+def step_loader(dataset, sampler, num_workers: int, seed: int):
+    """An iterator over the batches `sampler` names, drawing no global randomness (exact resume)."""
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_one_thread_per_worker,
+        generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
+    )
+    return iter(loader)
+
+
+class StepTrainer:
+    name = "train"  # progress-bar label
+    rate_name = "images_per_s"
+
+    def training_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def run(self) -> Path:
+        """Train from `self.step` to `config.steps`; returns the last checkpoint folder."""
+        cfg, accelerator = self.config, self.accelerator
+        if accelerator.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.out / "train_config.json") as tmp:
+                tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.training_module().train()
+        batches = self.batches()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not (self.progress and accelerator.is_main_process))
+        started, first_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            batch = next(batches)
+            self.failed_images += int(batch.pop("failed").sum())
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            logs = self.train_step(batch)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                rate = (self.step - first_step) * cfg.batch_size * accelerator.num_processes / (time.perf_counter() - started)
+                logs.update({"step": self.step, self.rate_name: rate, "skipped": self.failed_images})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "step"})
+                self.log(logs)
+            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+                self.write_samples()
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        accelerator.wait_for_everyone()
+        return self.last_checkpoint()
+
+    def log(self, logs: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(logs) + "\n")

@@ -92,9 +92,8 @@ def test_box_pixel_round_trip(box, image_size):
 def test_feature_lookup_finds_the_feature_containing_the_point(n, y):
     index, offset = geometry.feature_lookup(torch.tensor([y], dtype=torch.float64), n)
     lo = -1 + 2 * index.item() / n
-    if y < 1:
-        assert lo <= y + 1e-12 < lo + 2 / n + 1e-12
-        assert -0.5 - 1e-9 <= offset.item() <= 0.5 + 1e-9
+    assert lo - 1e-9 <= y <= lo + 2 / n + 1e-9
+    assert -0.5 - 1e-9 <= offset.item() <= 0.5 + 1e-9
     center = lo + 1 / n
     assert math.isclose(offset.item(), (y - center) * n / 2, abs_tol=1e-9)
 

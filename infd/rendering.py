@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from infd import geometry
 from infd.errors import InfdError
 from infd.geometry import Box, Size, Window
-from infd.images import load_image, resize
+from infd.images import load_image, pil_to_tensor, resize
 from infd.models import NeuralFieldAutoencoder
 
 # Largest output returned as one tensor (B * H * W pixels, 12 bytes each): 8192² fits.
@@ -82,7 +82,7 @@ def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor)
     if isinstance(image, (str, Path)):
         return load_image(image)[None]
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        return pil_to_tensor(image)[None]
     if isinstance(image, np.ndarray):
         array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
         image = torch.from_numpy(array).permute(2, 0, 1)

@@ -40,7 +40,7 @@ from infd.geometry import Box
 from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
-from infd.rendering import find_checkpoint, render_window
+from infd.rendering import encode, find_checkpoint, render_window
 from infd.training import StepTrainer, check_common_options, step_loader
 
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -177,10 +177,9 @@ def reconstruction_grid(model: NeuralFieldAutoencoder, images: list[torch.Tensor
     be judged against detail that the encoder's input never had.
     """
     s = model.config.input_size
-    param = next(model.parameters())
     rows = []
     for image in images:
-        z = model.encode(resize(image[None], (s, s)).to(param.device, param.dtype) * 2 - 1)
+        z = encode(model, image[None])
         state = model.prepare_render(z)
         cells = []
         for zoom in zooms:

@@ -305,6 +305,10 @@ def info(run: Path = typer.Argument(..., help="Run folder, checkpoint folder or 
     Console().print(table)
 
 
+# Registers the commands of each area on `app` (they import `app` and `reports_errors` from here).
+from infd.commands import evaluate, export, invert, stable_diffusion  # noqa: E402, F401
+
+
 def main() -> None:
     app()
 

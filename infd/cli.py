@@ -7,6 +7,7 @@ outputs are written to a temporary name and renamed, so a failed command leaves 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import time
 from pathlib import Path
@@ -62,7 +63,11 @@ def train_ae(
     lr: Optional[float] = typer.Option(None, help="Learning rate of the autoencoder."),
     init: Optional[str] = typer.Option(None, help="Start from the weights of this checkpoint (e.g. from `infd convert-vae`)."),
     lpips_vgg: Optional[str] = typer.Option(None, help="Local VGG16 weights (.pth/.safetensors) to train with LPIPS instead of focal frequency loss."),
+    num_workers: Optional[int] = typer.Option(None, help="Processes preparing training samples."),
     holdout: bool = typer.Option(False, help="Leave out infd.data.WALLPAPER_HOLDOUT, the evaluation split of the wallpapers set."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."),
+    freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder/--no-freeze-encoder", help="Keep the encoder (and so the latent space) fixed, e.g. when finetuning a converted SD VAE. Default: the config's."),
+    freeze_decoder: Optional[bool] = typer.Option(None, "--freeze-decoder/--no-freeze-decoder", help="Keep the decoder trunk fixed (train the renderer alone). Default: the config's."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a neural-field autoencoder on mixed-resolution images (runs under `accelerate launch` too)."""
@@ -70,7 +75,8 @@ def train_ae(
     from infd.train_ae import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig.load(config) if config else AETrainConfig()
-    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "init": init, "lpips_vgg": lpips_vgg}
+    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "init": init, "lpips_vgg": lpips_vgg, "time_limit": time_limit, "num_workers": num_workers}
+    overrides.update(freeze_encoder=freeze_encoder, freeze_decoder=freeze_decoder)
     for name, value in overrides.items():
         if value is not None:
             setattr(cfg, name, value)
@@ -154,6 +160,7 @@ def train_ldm(
     batch_size: Optional[int] = typer.Option(None, help="Latents per step per process."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     holdout: bool = typer.Option(False, help="With --data: leave out infd.data.WALLPAPER_HOLDOUT."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""
@@ -162,7 +169,7 @@ def train_ldm(
     from infd.train_ldm import train_ldm as train
 
     cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
-    for name, value in {"steps": steps, "batch_size": batch_size, "lr": lr}.items():
+    for name, value in {"steps": steps, "batch_size": batch_size, "lr": lr, "time_limit": time_limit}.items():
         if value is not None:
             setattr(cfg, name, value)
     last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
@@ -252,33 +259,54 @@ def sample(
 def render_latent(
     z: Path = typer.Argument(..., help="A latent written by `infd sample` (sample_NNNN.z.safetensors)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="The LDM run or pipeline it was sampled from, or its autoencoder."),
-    out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif)."),
-    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size."),
+    out: Path = typer.Option(..., "--out", help="Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp."),
+    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
-    tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
+    tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size); also the TIFF's tile size (a multiple of 16)."),
+    output_format: Optional[str] = typer.Option(None, "--format", help="tif, png or dzi; default: from the --out suffix."),
+    compression: str = typer.Option("deflate", help="TIFF compression: deflate or none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     bf16: bool = typer.Option(False, help="Render in bfloat16 (autocast)."),
+    progress: bool = typer.Option(True, help="Show a progress bar (with ETA)."),
 ):
-    """Render a saved latent z again at any size, region and aspect ratio."""
+    """Render a saved latent z again at any size, region and aspect ratio; gigapixel outputs stream to disk."""
     import torch
 
-    from infd import images, rendering
+    from infd import export, geometry, images, rendering
     from infd.latents import load_latent
     from infd.pipeline import render_to_array
 
-    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
-        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
-    sizes, region = _render_options([size] if size else [], box, renderer, upsample)
+    kind = export.export_format(out, output_format)
+    if kind == "dzi" and out.suffix.lower() != ".dzi":
+        out = out.with_name(out.name + ".dzi")
+    if kind is None and out.suffix.lower() not in tuple(images.SAVE_FORMATS):
+        raise InfdError(f"output '{out}' must end in one of {', '.join((*images.SAVE_FORMATS, '.dzi'))}.")
+    streamed = kind is not None and upsample != "lanczos"
+    if kind == "dzi" and not streamed:
+        raise InfdError("Deep Zoom outputs are rendered tile by tile, which Lanczos upsampling cannot do; use --upsample bicubic.")
+    sizes, region = _render_options([size] if size and not streamed else [], box, renderer, upsample)
+    if streamed and size:
+        sizes = [export.check_export_size(geometry.parse_size(size))]
     latent, _ = load_latent(z)
     model = rendering.load_autoencoder(ckpt, rendering.pick_device(device))
     model.get_renderer(renderer)
     latent = rendering.check_latent(model, latent)
     height, width = sizes[0] if sizes else (model.config.input_size,) * 2
+    dtype = torch.bfloat16 if bf16 else None
     start = time.perf_counter()
-    pixels = render_to_array(model, latent, (height, width), region, renderer, upsample, tile, torch.bfloat16 if bf16 else None, progress=True)
-    images.save_image(pixels, out)
+    if streamed:
+        field = export.LatentField(model, latent, region, renderer, dtype)
+        if kind == "tif":
+            export.export_tiff(field, (height, width), out, tile=tile, compression=compression, progress=progress)
+        elif kind == "png":
+            export.export_png(field, (height, width), out, tile=tile, progress=progress)
+        else:
+            export.export_dzi(field, (height, width), out, progress=progress)
+    else:
+        pixels = render_to_array(model, latent, (height, width), region, renderer, upsample, tile, dtype, progress=progress)
+        images.save_image(pixels, out)
     console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
 
@@ -305,8 +333,9 @@ def info(run: Path = typer.Argument(..., help="Run folder, checkpoint folder or 
     Console().print(table)
 
 
-# Registers the commands of each area on `app` (they import `app` and `reports_errors` from here).
-from infd.commands import evaluate, export, invert, stable_diffusion  # noqa: E402, F401
+# Register the commands of each area on `app` (those modules import `app` and `reports_errors` from here).
+for _area in ("evaluate", "export", "invert", "stable_diffusion"):
+    importlib.import_module(f"infd.commands.{_area}")
 
 
 def main() -> None:

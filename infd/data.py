@@ -119,8 +119,10 @@ def target_resolution(native: Size, scale: float, crop_size: int) -> Size:
     )
 
 
-def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Generator, inp: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One mixed-resolution training pair cut from `image` (3, H, W) in [0, 1].
+
+    `inp`: the image already resized to the encoder input (a cached "squash" input), or None.
 
     Returns inp (3, S, S) and gt (3, c, c) in [-1, 1]; size (rh, rw) the target
     resolution; window (top, left) of the crop in it; coord (c, c, 2) the crop's pixel
@@ -131,7 +133,8 @@ def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Genera
     if config.aspect == "crop":
         image = _random_square_crop(image, generator)
     native = (image.shape[-2], image.shape[-1])
-    inp = resize(image, (config.input_size, config.input_size))
+    if inp is None:
+        inp = resize(image, (config.input_size, config.input_size))
 
     lowest = min_target_scale(native, config.input_size, c)
     scale = lowest + (1 - lowest) * torch.rand((), generator=generator, dtype=torch.float64).item()
@@ -187,6 +190,16 @@ def epoch_order(length: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(length, generator=generator).tolist()
 
 
+def _compact(image: torch.Tensor) -> torch.Tensor:
+    """An image as uint8 when that is exact (8-bit sources: 4x less memory), else as is."""
+    quantized = (image * 255).round().to(torch.uint8)
+    return quantized if torch.equal(_expand(quantized), image) else image
+
+
+def _expand(stored: torch.Tensor) -> torch.Tensor:
+    return stored.float() / 255 if stored.dtype == torch.uint8 else stored
+
+
 # ------------------------------------------------------------------ the dataset
 
 
@@ -209,8 +222,12 @@ class MixedResolutionDataset(Dataset):
         config: DataConfig | None = None,
         seed: int = 0,
         exclude: Iterable[str] = (),
+        cache_images: bool = False,
     ) -> None:
         self.config = config or DataConfig()
+        # path -> (image, encoder input or None): decoded once per process. Only for small
+        # datasets: each DataLoader worker keeps its own copy (3 bytes per pixel of 8-bit images).
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = {} if cache_images else None
         self.seed = int(seed)
         excluded = {Path(name).name for name in exclude}
         candidates = list_images(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
@@ -263,12 +280,13 @@ class MixedResolutionDataset(Dataset):
         n = len(self)
         failed = 0
         for attempt in range(n):
-            image = self._load(self.paths[self.image_index(counter, attempt)])
-            if image is None:
+            loaded = self._load_cached(self.paths[self.image_index(counter, attempt)])
+            if loaded is None:
                 failed += 1
                 continue
+            image, inp = loaded
             generator = torch.Generator().manual_seed(mix_seed("sample", self.seed, counter))
-            return {**make_sample(image, self.config, generator), "failed": failed}
+            return {**make_sample(image, self.config, generator, inp), "failed": failed}
         raise InfdError(f"all {n} images failed to decode (see the warnings above); check the image folder.")
 
     def image_index(self, counter: int, attempt: int = 0) -> int:
@@ -281,6 +299,21 @@ class MixedResolutionDataset(Dataset):
         if self._permutation_cache is None or self._permutation_cache[0] != epoch:
             self._permutation_cache = (epoch, epoch_order(len(self), self.seed, epoch))
         return self._permutation_cache[1]
+
+    def _load_cached(self, path: Path) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(image, encoder input or None) for `path`, from the cache when caching."""
+        if self.cache is not None and str(path) in self.cache:
+            stored, inp = self.cache[str(path)]
+            return _expand(stored), inp
+        image = self._load(path)
+        if image is None:
+            return None
+        if self.cache is None:
+            return image, None
+        # In "squash" mode the encoder input is the same for every sample of an image.
+        inp = resize(image, (self.config.input_size,) * 2) if self.config.aspect == "squash" else None
+        self.cache[str(path)] = (_compact(image), inp)
+        return image, inp
 
     def _load(self, path: Path) -> torch.Tensor | None:
         """(3, H, W) in [0, 1], or None (warning once) for a file that fails to decode."""

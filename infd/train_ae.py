@@ -71,6 +71,8 @@ class AETrainConfig:
     ema_decay: float = 0.0  # 0 disables EMA
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16 | fp16
     num_workers: int = 2
+    cache_images: bool = False  # keep decoded images in each worker's memory: for small datasets
+    time_limit: float = 0.0  # minutes; stop (with a checkpoint) at the first step after it; 0: none
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 1000
@@ -157,11 +159,12 @@ def query_centers(batch: dict[str, torch.Tensor], halo: int) -> tuple[torch.Tens
     The crop is window (top, left, c, c) of the whole image at resolution (rh, rw).
     Returns ys (B, c + 2 halo), xs (B, c + 2 halo), cell (B, 2).
     """
-    size, window = batch["size"], batch["window"]
+    # Query geometry is computed on the CPU in float64, as for rendering; the renderer moves it.
+    size, window = batch["size"].cpu(), batch["window"].cpu()
     ch, cw = batch["gt"].shape[-2:]
     ys = geometry.axis_centers(-1.0, 1.0, size[:, 0], window[:, 0] - halo, ch + 2 * halo)
     xs = geometry.axis_centers(-1.0, 1.0, size[:, 1], window[:, 1] - halo, cw + 2 * halo)
-    return ys, xs, batch["cell"].double()
+    return ys, xs, batch["cell"].double().cpu()
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -206,7 +209,7 @@ class AutoencoderTrainer(StepTrainer):
             precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
         self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
         torch.manual_seed(config.seed + self.accelerator.process_index)
-        self.dataset = MixedResolutionDataset(data, config.data, seed=config.seed, exclude=exclude)
+        self.dataset = MixedResolutionDataset(data, config.data, seed=config.seed, exclude=exclude, cache_images=config.cache_images)
         self.model = build_model(config)
         self.disc = PatchDiscriminator() if config.gan_weight > 0 else None
         self.perceptual = losses.make_perceptual_loss(config.perceptual, config.lpips_vgg)

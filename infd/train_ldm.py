@@ -89,6 +89,7 @@ class LDMTrainConfig:
     ema_decay: float = 0.9999  # 0 disables EMA
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16 | fp16
     num_workers: int = 2  # image decoding when encoding on the fly
+    time_limit: float = 0.0  # minutes; stop (with a checkpoint) at the first step after it; 0: none
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 5000

@@ -31,6 +31,10 @@ def check_common_options(config) -> None:
         raise InfdError(f"mixed_precision '{config.mixed_precision}' must be auto, no, bf16 or fp16.")
     if not 0 <= config.ema_decay < 1:
         raise InfdError(f"ema_decay {config.ema_decay} must be in [0, 1).")
+    if config.num_workers < 0:
+        raise InfdError(f"num_workers {config.num_workers} must be 0 (load in the training process) or more.")
+    if not (config.time_limit >= 0 and math.isfinite(config.time_limit)):
+        raise InfdError(f"time_limit {config.time_limit} must be a number of minutes >= 0 (0: no limit).")
 
 
 def _one_thread_per_worker(_: int) -> None:
@@ -60,7 +64,8 @@ class StepTrainer:
         raise NotImplementedError
 
     def run(self) -> Path:
-        """Train from `self.step` to `config.steps`; returns the last checkpoint folder."""
+        """Train from `self.step` to `config.steps` (or until `config.time_limit` minutes
+        have passed, checkpointing there); returns the last checkpoint folder."""
         cfg, accelerator = self.config, self.accelerator
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,7 @@ class StepTrainer:
         batches = self.batches()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not (self.progress and accelerator.is_main_process))
         started, first_step = time.perf_counter(), self.step
+        deadline = started + cfg.time_limit * 60 if cfg.time_limit > 0 else math.inf
         while self.step < cfg.steps:
             batch = next(batches)
             self.failed_images += int(batch.pop("failed").sum())
@@ -82,13 +88,25 @@ class StepTrainer:
                 logs.update({"step": self.step, self.rate_name: rate, "skipped": self.failed_images})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "step"})
                 self.log(logs)
-            if self.step % cfg.sample_every == 0 or self.step == cfg.steps:
+            out_of_time = self.past(deadline)
+            last = self.step == cfg.steps or out_of_time
+            if self.step % cfg.sample_every == 0 or last:
                 self.write_samples()
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or last:
                 self.save()
+            if out_of_time:
+                self.log({"step": self.step, "stopped": "time_limit"})
+                break
         bar.close()
         accelerator.wait_for_everyone()
         return self.last_checkpoint()
+
+    def past(self, deadline: float) -> bool:
+        """Whether any process is past `deadline`, so that all of them stop at the same step."""
+        if deadline == math.inf:
+            return False
+        late = torch.tensor(float(time.perf_counter() > deadline), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(late, "max"))
 
     def log(self, logs: dict[str, float]) -> None:
         if self.accelerator.is_main_process:

@@ -92,3 +92,21 @@ def test_vq_latent_trains(image_folder, tmp_path):
     cfg = tiny_config(steps=4, gan_weight=0.0, model={**tiny_config().model, "latent_type": "vq", "vq_codebook_size": 64})
     last = train_autoencoder(cfg, image_folder, tmp_path / "vq", progress=False)
     assert json.loads((last / "config.json").read_text())["latent_type"] == "vq"
+
+
+def test_time_limit_checkpoints_and_image_cache_changes_nothing(image_folder, tmp_path):
+    """A run stopped by --time-limit resumes exactly; caching decoded images gives the same batches."""
+    options = dict(ema_decay=0.9, gan_start=3, checkpoint_every=100, sample_every=100)
+    straight = train_autoencoder(tiny_config(steps=6, **options), image_folder, tmp_path / "a", progress=False)
+    stopped = train_autoencoder(tiny_config(steps=6, time_limit=1e-9, cache_images=True, **options), image_folder, tmp_path / "b", progress=False)
+    assert stopped.name == "step_0000001"
+    assert read_log(tmp_path / "b")[-1] == {"step": 1, "stopped": "time_limit"}
+    resumed = train_autoencoder(tiny_config(steps=6, cache_images=True, **options), image_folder, tmp_path / "b", resume=True, progress=False)
+    a, b = load_file(str(straight / "training_state.safetensors")), load_file(str(resumed / "training_state.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def test_time_limit_must_be_a_non_negative_number():
+    with pytest.raises(InfdError, match="time_limit"):
+        tiny_config(time_limit=-1).validate()

@@ -1,1 +1,98 @@
-"""(being written)"""
+"""`infd convert-vae` and `infd txt2img`: Stable Diffusion with any-resolution output."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from infd.cli import BOX_HELP, SIZE_HELP, app, console, reports_errors
+from infd.errors import InfdError
+
+
+@app.command("convert-vae")
+@reports_errors
+def convert_vae(
+    vae: Path = typer.Option(..., "--vae", help="A local diffusers AutoencoderKL or VQModel folder (or an SD folder: its vae/), or a .safetensors VAE in the original SD layout."),
+    out: Path = typer.Option(..., "--out", help="New checkpoint folder for the converted autoencoder (+ finetune.json)."),
+    input_size: Optional[int] = typer.Option(None, help="Encoder input size. Default: the VAE's sample_size (512 for SD 1.x: a 64x64 latent)."),
+    scaling_factor: Optional[float] = typer.Option(None, help="Latent scaling factor. Default: the VAE's own (0.18215 for single files)."),
+    renderer_hidden: int = typer.Option(128, help="Width of the new CLIF renderer."),
+    renderer_blocks: int = typer.Option(2, help="Residual blocks of the new CLIF renderer."),
+    freeze_encoder: bool = typer.Option(True, "--freeze-encoder/--no-freeze-encoder", help="finetune.json keeps the encoder frozen, so the LDM's latent space stays valid."),
+    freeze_decoder: bool = typer.Option(False, "--freeze-decoder/--no-freeze-decoder", help="finetune.json also freezes the decoder trunk (trains CLIF alone)."),
+):
+    """Convert an LDM autoencoder (Stable Diffusion's VAE, VQ-f4) into a neural-field autoencoder."""
+    from infd.convert import FINETUNE_CONFIG
+    from infd.convert import convert_vae as convert
+
+    if renderer_hidden <= 0 or renderer_blocks < 0:
+        raise InfdError(f"--renderer-hidden must be positive and --renderer-blocks 0 or more, got {renderer_hidden} and {renderer_blocks}.")
+    model = convert(vae, out, input_size, scaling_factor, renderer_hidden, renderer_blocks, freeze_encoder, freeze_decoder)
+    c, h, w = model.latent_shape
+    s = model.config.input_size
+    console.print(
+        f"[green]wrote[/] {out}: z {c}x{h}x{w} from {s}x{s}, phi {'x'.join(map(str, model.feature_shape))}, "
+        f"scaling factor {model.config.scaling_factor:g}; finetune with\n"
+        f"  infd train-ae --config {out / FINETUNE_CONFIG} --data DIR --out RUN",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@reports_errors
+def txt2img(
+    prompt: str = typer.Option(..., "--prompt", help="What to draw."),
+    sd: Path = typer.Option(..., "--sd", help="Local Stable Diffusion folder (diffusers layout: text_encoder/, tokenizer/, unet/, scheduler/), or a saved INFDStableDiffusionPipeline."),
+    ae: Optional[Path] = typer.Option(None, "--ae", help="The converted autoencoder (run, checkpoint or pipeline folder); optional when --sd is a saved INFDStableDiffusionPipeline."),
+    out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif); with --n > 1, OUT_0000.png ...; each image's z beside it (.z.safetensors)."),
+    size: str = typer.Option("2048", help=SIZE_HELP),
+    box: Optional[str] = typer.Option(None, help=BOX_HELP),
+    negative_prompt: str = typer.Option("", help="What not to draw."),
+    n: int = typer.Option(1, "--n", help="Number of images (image i uses seed + i)."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1: none)."),
+    seed: int = typer.Option(0, help="The same seed gives the same image."),
+    sampler: Optional[str] = typer.Option(None, help="ddim, dpm++ or ddpm. Default: the folder's own scheduler."),
+    renderer: Optional[str] = typer.Option(None, help="clif (default) or fixed: the original decoder's image, bicubic-upsampled (the baseline)."),
+    tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    bf16: bool = typer.Option(False, help="Denoise and render in bfloat16 (autocast)."),
+):
+    """Text-to-image with Stable Diffusion, rendered at any size (2048², 4096², ...) by the converted autoencoder."""
+    import torch
+
+    from infd import geometry, images, rendering
+    from infd.diffusion import SAMPLERS
+    from infd.latents import save_latent
+    from infd.pipeline import render_to_array
+    from infd.sd_pipeline import load_sd_pipeline
+
+    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
+        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
+    if n <= 0 or steps <= 0 or tile <= 0:
+        raise InfdError(f"--n, --steps and --tile must be positive, got {n}, {steps} and {tile}.")
+    height, width = geometry.parse_size(size)
+    if height * width > rendering.MAX_RENDER_PIXELS:
+        raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
+    region = geometry.Box.parse(box) if box else None
+    if sampler is not None and sampler not in SAMPLERS:
+        raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    pipe = load_sd_pipeline(sd, ae, device)
+    if sampler is not None:
+        pipe.use_sampler(sampler)
+    pipe.autoencoder.get_renderer(renderer)
+    pipe.set_progress_bar_config(desc="denoising", leave=False)
+    dtype = torch.bfloat16 if bf16 else None
+    start = time.perf_counter()
+    names = [out] if n == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(n)]
+    for i, name in enumerate(names):
+        generator = torch.Generator().manual_seed(seed + i)
+        z = pipe.sample_latents(prompt, negative_prompt, steps, guidance, generator, dtype=dtype)
+        metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + i, "steps": steps, "guidance": guidance, "sd": str(sd)}
+        save_latent(name.with_suffix(".z.safetensors"), z, metadata)
+        pixels = render_to_array(pipe.autoencoder, z, (height, width), region, renderer, tile=tile, dtype=dtype, progress=True)
+        images.save_image(pixels, name)
+    console.print(f"[green]wrote[/] {n} image(s) of {width}x{height} to {', '.join(map(str, names[:3]))}{' ...' if n > 3 else ''} ({time.perf_counter() - start:.1f} s)")

@@ -17,12 +17,39 @@ from diffusers.models.modeling_utils import ModelMixin
 from infd.errors import InfdError
 from infd.models.renderers import (
     RENDERERS,
+    CLIFRenderer,
     FixedResolutionRenderer,
     Renderer,
     make_renderer,
 )
 
 LATENT_TYPES = ("kl", "vq")
+
+
+class ResidualCLIFRenderer(CLIFRenderer):
+    """CLIF adding detail to the bicubic upsampling of a fixed-resolution RGB head.
+
+    For a converted LDM autoencoder the head is the original decoder's last conv, so the
+    renderer starts as "the original decoder, upsampled": its CLIF output conv starts at
+    zero, and at the original output size the render equals the original decoder's image.
+    Finetuning teaches CLIF the residual detail. The state is phi and the head's image
+    stacked, (B, F + 3, S, S), so tiles and the interface stay those of every renderer.
+    """
+
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2):
+        super().__init__(feature_channels, hidden_channels, num_blocks)
+        self.base = FixedResolutionRenderer(feature_channels)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        return torch.cat([phi, self.base.prepare(phi)], dim=1)
+
+    def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        phi, rgb = state[:, :-3], state[:, -3:]
+        halo = self.halo  # the head reads the window's centers without CLIF's halo
+        base = self.base(rgb, ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo], cell)
+        return base + super().forward(phi, ys, xs, cell)
 
 
 class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
@@ -33,6 +60,11 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     baseline (module `fixed_renderer`: an RGB conv at phi's resolution, upsampled) on the
     same trunk, trained jointly, so that INFD and "fixed decoder + upsampling" are one
     argument apart: `renderer="fixed"` in `prepare_render`/`render_window` (and rendering).
+
+    `residual_renderer=True` (what `infd convert-vae` builds) makes CLIF add detail to such a
+    head's bicubic upsampling instead (`ResidualCLIFRenderer`; the head is then also the
+    "fixed" renderer). `scaling_factor` and `shift_factor` map z to the latents an LDM
+    denoises: (z - shift_factor) * scaling_factor, as in diffusers' AutoencoderKL.
     """
 
     config_name = "config.json"
@@ -54,6 +86,8 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         renderer_blocks: int = 2,
         scaling_factor: float = 1.0,
         fixed_head: bool = False,
+        shift_factor: float = 0.0,
+        residual_renderer: bool = False,
     ):
         super().__init__()
         if latent_type not in LATENT_TYPES:
@@ -78,7 +112,12 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
         self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
-        self.renderer = make_renderer(renderer_type, block_out_channels[0], renderer_hidden, renderer_blocks)
+        if residual_renderer and (renderer_type != "clif" or fixed_head):
+            raise InfdError("residual_renderer needs renderer_type 'clif' and no fixed_head (its RGB head already is the fixed renderer).")
+        if residual_renderer:
+            self.renderer = ResidualCLIFRenderer(block_out_channels[0], renderer_hidden, renderer_blocks)
+        else:
+            self.renderer = make_renderer(renderer_type, block_out_channels[0], renderer_hidden, renderer_blocks)
         self.fixed_renderer = FixedResolutionRenderer(block_out_channels[0]) if fixed_head else None
 
     @property
@@ -127,6 +166,8 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             return self.renderer
         if name == "fixed" and self.fixed_renderer is not None:
             return self.fixed_renderer
+        if name == "fixed" and isinstance(self.renderer, ResidualCLIFRenderer):
+            return self.renderer.base
         if name not in RENDERERS:
             raise InfdError(f"unknown renderer '{name}'; choose one of {', '.join(RENDERERS)}.")
         hint = " (train it with the model option fixed_head: true)" if name == "fixed" else ""

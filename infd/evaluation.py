@@ -1,0 +1,700 @@
+"""Evaluation: reconstruction at every scale (`eval-ae`) and patch-FID of generated images (`eval-gen`).
+
+Autoencoders (`evaluate_autoencoders`). Every image is encoded from its fixed-size input
+and rendered at each *scale* S: the long side S at the image's native aspect ratio (the
+field's domain spans the whole image), compared with the native image resized
+(antialiased) to that size. A scale above the image's native long side is skipped for
+that image: there is no ground truth for it. Per model and scale: PSNR, SSIM, LPIPS
+(with local VGG16 weights) and the spectral distance (detail), each as a mean and 95%
+confidence interval over images, plus *scale consistency*: the render at the largest
+scale, downsampled to each smaller scale, against the direct render there (PSNR).
+
+Generated images (`evaluate_generated`). At each scale S every image (real or
+generated) is resized (antialiased) so that its *short* side is S, and random
+`patch`² crops (seeded, reproducible) are taken from it; the two patch sets are
+compared by FID (InceptionV3 from a local file), by the Fréchet distance in the features
+of a fixed random conv net (weight-free) and by the distance of their mean power
+spectra. At S = patch a square image yields exactly its whole self: plain FID; above,
+patch-FID as in Chen et al. 2024 (after Chai et al. 2022).
+
+Results are JSON (machine, settings, rows, per-image values), a markdown table and a PNG
+plot, each written atomically.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import infd
+from infd import metrics, rendering
+from infd.data import WALLPAPER_HOLDOUT, list_images
+from infd.errors import InfdError
+from infd.files import atomic_path
+from infd.geometry import Size
+from infd.images import ImageError, load_image, resize, save_image
+from infd.models.renderers import RENDERERS
+
+MIN_SCALE = 32  # SSIM needs 11 px and LPIPS about 32 px on the short side
+AE_METRICS = ("psnr", "ssim", "lpips", "spectral_db", "consistency_db")
+METRIC_TITLES = {
+    "psnr": ("PSNR", "dB, higher is better"),
+    "ssim": ("SSIM", "higher is better"),
+    "lpips": ("LPIPS", "lower is better"),
+    "spectral_db": ("spectral distance (detail)", "dB, lower is better"),
+    "consistency_db": ("scale consistency", "PSNR vs the largest render, dB"),
+    "fid": ("FID / patch-FID (Inception)", "lower is better"),
+    "rfid": ("random-feature Fréchet distance", "lower is better"),
+}
+GOAL_PSNR_GAP_DB = 0.5
+GOAL_CONSISTENCY_DB = 35.0
+
+
+# ---------------------------------------------------------------- shared
+
+
+def parse_scales(text: str, minimum: int = MIN_SCALE) -> list[int]:
+    """"256,512,1024" -> [256, 512, 1024] (sorted, unique); each at least `minimum` pixels."""
+    try:
+        scales = sorted({int(part) for part in text.replace(" ", "").split(",") if part})
+    except ValueError:
+        scales = []
+    if not scales or scales[0] < minimum:
+        raise InfdError(f"scales '{text}' must be comma-separated whole numbers of pixels, each at least {minimum}, e.g. 256,512,1024.")
+    return scales
+
+
+def scaled_size(size: Size, scale: int, side: str = "long") -> Size:
+    """(height, width) with the `side` ("long" or "short") equal to `scale`, keeping the aspect ratio."""
+    h, w = size
+    reference = max(h, w) if side == "long" else min(h, w)
+    return max(1, round(h * scale / reference)), max(1, round(w * scale / reference))
+
+
+def select_images(folder: str | os.PathLike, holdout: bool = False, limit: int | None = None) -> tuple[list[Path], list[str]]:
+    """Images of `folder` (sorted), only the held-out split with `holdout`, the first `limit`.
+
+    Returns (paths, names of held-out files missing from the folder).
+    """
+    if limit is not None and limit <= 0:
+        raise InfdError(f"--limit must be at least 1, got {limit}.")
+    paths = list_images(folder)
+    missing: list[str] = []
+    if holdout:
+        present = {path.name for path in paths}
+        missing = [name for name in WALLPAPER_HOLDOUT if name not in present]
+        paths = [path for path in paths if path.name in WALLPAPER_HOLDOUT]
+        if not paths:
+            raise InfdError(f"--holdout: none of the held-out files ({', '.join(WALLPAPER_HOLDOUT)}) is in {folder}; pass the wallpapers folder or leave out --holdout.")
+    return paths[:limit], missing
+
+
+def machine_summary(device: torch.device) -> dict:
+    """What the numbers were measured on (the benchmarks' `machine` block, in brief)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": device.type,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "infd": infd.__version__,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _number(value, digits: int = 2) -> str:
+    if value is None:
+        return "—"
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}f}"
+
+
+def _with_ci(mean, ci, digits: int) -> str:
+    return _number(mean, digits) + ("" if ci is None or mean is None else f" ± {ci:.{digits}f}")
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Line:
+    """One line of a plot panel: y (and error bars) over the scales."""
+
+    label: str
+    x: list[float]
+    y: list[float]
+    err: list[float] = field(default_factory=list)
+
+
+def plot_scales(path: Path, panels: list[tuple[str, str, list[Line]]], scales: list[int], title: str) -> None:
+    """Panels (title, y label, lines) side by side, x = scale on a log axis, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [panel for panel in panels if any(line.x for line in panel[2])]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.0), squeeze=False)
+    for ax, (name, ylabel, lines) in zip(axes[0], panels):
+        for line in lines:
+            if line.x:
+                err = [e if e is not None else 0 for e in line.err] if line.err else None
+                ax.errorbar(line.x, line.y, yerr=err, marker="o", capsize=3, label=line.label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(scales, [str(s) for s in scales])
+        ax.minorticks_off()
+        ax.set_xlabel("scale (px)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- autoencoders
+
+
+@dataclass
+class ModelSpec:
+    """`LABEL=PATH[:renderer]` from the command line; label None: named after its renderer."""
+
+    label: str | None
+    path: Path
+    renderer: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        label, sep, rest = text.partition("=")
+        if not sep or not label or not rest:
+            raise InfdError(f"--model '{text}' must be LABEL=PATH or LABEL=PATH:RENDERER (renderer {', '.join(RENDERERS)}).")
+        path, colon, renderer = rest.rpartition(":")
+        if not colon or renderer not in RENDERERS:
+            path, renderer = rest, None
+        return cls(label, Path(path), renderer)
+
+
+@dataclass
+class EvalModel:
+    """An autoencoder to evaluate, rendered with `renderer` (None: its own)."""
+
+    label: str
+    model: torch.nn.Module
+    renderer: str | None = None
+    path: str = ""
+
+    @property
+    def renderer_name(self) -> str:
+        return self.renderer or self.model.config.renderer_type
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "label": self.label,
+            "path": self.path,
+            "renderer": self.renderer_name,
+            "input_size": cfg.input_size,
+            "latent_shape": list(self.model.latent_shape),
+            "feature_shape": list(self.model.feature_shape),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def default_label(renderer: str) -> str:
+    return "fixed+bicubic" if renderer == "fixed" else renderer
+
+
+def load_models(specs: list[ModelSpec], device: torch.device) -> list[EvalModel]:
+    """Load every autoencoder (run, checkpoint or pipeline folder) and check its renderer exists."""
+    if not specs:
+        raise InfdError("nothing to evaluate: pass --ckpt RUN, or one or more --model LABEL=PATH[:renderer].")
+    models = []
+    for spec in specs:
+        model = rendering.load_autoencoder(spec.path, device)
+        model.get_renderer(spec.renderer)
+        evaluated = EvalModel("", model, spec.renderer, str(rendering.find_checkpoint(spec.path)))
+        evaluated.label = spec.label or default_label(evaluated.renderer_name)
+        models.append(evaluated)
+    labels = [m.label for m in models]
+    if len(set(labels)) != len(labels):
+        raise InfdError(f"model labels must differ, got {', '.join(labels)}; name them with --model LABEL=PATH[:renderer].")
+    return models
+
+
+def detail_window(image: torch.Tensor, crop: int) -> tuple[int, int, int]:
+    """(top, left, side) of the crop of image (3, H, W) with the most fine detail (mean |Laplacian|).
+
+    Candidates lie on a grid of half-crop steps, so the strip shows texture, not sky.
+    """
+    h, w = image.shape[-2:]
+    side = min(crop, h, w)
+    gray = image.mean(0)
+    laplacian = (4 * gray[1:-1, 1:-1] - gray[:-2, 1:-1] - gray[2:, 1:-1] - gray[1:-1, :-2] - gray[1:-1, 2:]).abs()
+    step = max(1, side // 2)
+    best = (-1.0, 0, 0)
+    for top in sorted({*range(0, h - side + 1, step), h - side}):
+        for left in sorted({*range(0, w - side + 1, step), w - side}):
+            energy = float(laplacian[top : top + side - 2, left : left + side - 2].mean())
+            best = max(best, (energy, top, left))
+    return best[1], best[2], side
+
+
+def comparison_strip(crops: list[tuple[str, torch.Tensor]]) -> np.ndarray:
+    """Labelled crops side by side: (H, W, 3) uint8. crops: (label, (3, s, s) in [0, 1])."""
+    from PIL import Image, ImageDraw
+
+    from infd.images import to_uint8_hwc
+
+    gap, bar = 4, 16
+    side = crops[0][1].shape[-1]
+    canvas = Image.new("RGB", (len(crops) * (side + gap) - gap, side + bar), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, crop) in enumerate(crops):
+        x = i * (side + gap)
+        canvas.paste(Image.fromarray(to_uint8_hwc(crop)), (x, bar))
+        draw.text((x + 2, 2), label, fill="black")
+    return np.asarray(canvas)
+
+
+@torch.no_grad()
+def evaluate_image(
+    image: torch.Tensor,
+    models: list[EvalModel],
+    scales: list[int],
+    tile: int | None = rendering.DEFAULT_TILE,
+    dtype: torch.dtype | None = None,
+    lpips: metrics.LPIPSMetric | None = None,
+    strip_crop: int = 256,
+) -> tuple[list[dict], np.ndarray | None]:
+    """Evaluate every model on one image (3, H, W) at the scales it is large enough for.
+
+    Returns one record per (model, scale) and the comparison strip at the largest scale
+    (None when no scale fits the image).
+    """
+    native = tuple(image.shape[-2:])
+    fitting = [s for s in scales if s <= max(native)]
+    if not fitting:
+        return [], None
+    truths = {s: resize(image[None], scaled_size(native, s))[0] for s in fitting}
+    largest = fitting[-1]
+    top, left, side = detail_window(truths[largest], strip_crop)
+    crops = [("ground truth", truths[largest][:, top : top + side, left : left + side])]
+    records = []
+    for entry in models:
+        z = rendering.encode(entry.model, image[None])
+        renders = {}
+        for s in reversed(fitting):  # the largest first: the others are compared with it
+            start = time.perf_counter()
+            render = rendering.render(entry.model, z, truths[s].shape[-2:], tile=tile, dtype=dtype, renderer=entry.renderer)[0]
+            seconds = time.perf_counter() - start
+            renders[s] = render
+            records.append(_image_record(entry, s, render, truths[s], renders[largest], lpips, seconds))
+        crops.append((entry.label, renders[largest][:, top : top + side, left : left + side]))
+    return records, comparison_strip(crops)
+
+
+def _image_record(entry: EvalModel, scale: int, render: torch.Tensor, truth: torch.Tensor, largest: torch.Tensor, lpips, seconds: float) -> dict:
+    device = next(entry.model.parameters()).device  # metrics run where the model does
+    pred, target = render[None].to(device), truth[None].to(device)
+    record = {
+        "model": entry.label,
+        "scale": scale,
+        "size": list(truth.shape[-2:]),
+        "psnr": float(metrics.psnr(pred, target)[0]),
+        "ssim": float(metrics.ssim(pred, target)[0]),
+        "spectral_db": float(metrics.spectral_distance(pred, target)[0]),
+        "lpips": float(lpips(pred, target)[0]) if lpips is not None else None,
+        "consistency_db": None,
+        "render_s": seconds,
+    }
+    if largest.shape != render.shape:
+        downsampled = resize(largest[None].to(device), tuple(render.shape[-2:]))
+        record["consistency_db"] = float(metrics.psnr(downsampled, pred)[0])
+    return record
+
+
+def evaluate_autoencoders(
+    paths: list[Path],
+    models: list[EvalModel],
+    scales: list[int],
+    tile: int | None = rendering.DEFAULT_TILE,
+    dtype: torch.dtype | None = None,
+    lpips: metrics.LPIPSMetric | None = None,
+    strip_crop: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `models` on the images at `paths`: the result dict written by `write_ae_report`.
+
+    Unreadable images and images smaller than every scale are skipped and listed.
+    """
+    start = time.perf_counter()
+    per_image, strips, skipped = [], {}, {}
+    bar = tqdm(paths, desc="eval-ae", unit="image", disable=not progress)
+    for path in bar:
+        bar.set_postfix_str(path.name)
+        try:
+            image = load_image(path)
+        except ImageError as error:
+            skipped[path.name] = error.reason
+            continue
+        records, strip = evaluate_image(image, models, scales, tile, dtype, lpips, strip_crop)
+        if not records:
+            skipped[path.name] = f"smaller than every scale ({image.shape[-1]}x{image.shape[-2]})"
+            continue
+        for record in records:
+            per_image.append({"image": path.name, **record})
+        strips[path.stem] = strip
+    if not per_image:
+        raise InfdError(f"no image could be evaluated ({len(skipped)} skipped: {', '.join(f'{k}: {v}' for k, v in skipped.items())}).")
+    device = next(models[0].model.parameters()).device
+    rows = summarize_records(per_image, models, scales)
+    return {
+        "benchmark": "eval-ae",
+        "machine": machine_summary(device),
+        "settings": {
+            "images": sorted({r["image"] for r in per_image}),
+            "scales": scales,
+            "scale_meaning": "long side at the native aspect ratio; ground truth = native image resized (antialiased)",
+            "tile": tile,
+            "dtype": str(dtype or torch.float32).replace("torch.", ""),
+            "lpips": lpips is not None,
+            "strip_crop": strip_crop,
+        },
+        "models": [m.describe() for m in models],
+        "rows": rows,
+        "goals": ae_goals(rows, models),
+        "skipped": skipped,
+        "seconds": time.perf_counter() - start,
+        "per_image": per_image,
+        "_strips": strips,  # arrays; written as PNGs, not to the JSON
+    }
+
+
+def summarize_records(records: list[dict], models: list[EvalModel], scales: list[int]) -> list[dict]:
+    """Mean and 95% CI of every metric per (model, scale) over the images."""
+    rows = []
+    for entry in models:
+        for scale in scales:
+            group = [r for r in records if r["model"] == entry.label and r["scale"] == scale]
+            if not group:
+                continue
+            row = {"model": entry.label, "renderer": entry.renderer_name, "scale": scale, "n": len(group)}
+            for name in AE_METRICS:
+                row[name], row[f"{name}_ci"] = metrics.mean_ci(r[name] for r in group)
+            row["render_s"] = sum(r["render_s"] for r in group) / len(group)
+            rows.append(row)
+    return rows
+
+
+def ae_goals(rows: list[dict], models: list[EvalModel]) -> list[dict]:
+    """The issue's goals for each CLIF model, against the other models on the same images.
+
+    At every scale above the CLIF model's input size: the best spectral distance (and
+    LPIPS when measured), PSNR within 0.5 dB of the best; and scale consistency >= 35 dB.
+    """
+    goals = []
+    by_key = {(r["model"], r["scale"]): r for r in rows}
+    for entry in (m for m in models if m.renderer_name == "clif"):
+        mine = [r for r in rows if r["model"] == entry.label]
+        for row in mine:
+            if row["scale"] <= entry.model.config.input_size:
+                continue
+            others = [by_key[(m.label, row["scale"])] for m in models if m is not entry and (m.label, row["scale"]) in by_key]
+            if not others:
+                continue
+            for name in ("spectral_db", "lpips"):
+                best = min((o[name] for o in others if o[name] is not None), default=None)
+                if row[name] is not None and best is not None:
+                    goals.append(_goal(f"{entry.label} {METRIC_TITLES[name][0]} at {row['scale']}: the best", row[name], f"<= {best:.4g} (best other)", row[name] <= best))
+            best_psnr = max([row["psnr"], *(o["psnr"] for o in others)])
+            gap = best_psnr - row["psnr"]
+            goals.append(_goal(f"{entry.label} PSNR at {row['scale']}: gap to the best", gap, f"<= {GOAL_PSNR_GAP_DB} dB", gap <= GOAL_PSNR_GAP_DB))
+        consistency = [r["consistency_db"] for r in mine if r["consistency_db"] is not None]
+        if consistency:
+            low = min(consistency)
+            goals.append(_goal(f"{entry.label} scale consistency (lowest scale mean)", low, f">= {GOAL_CONSISTENCY_DB:g} dB", low >= GOAL_CONSISTENCY_DB))
+    return goals
+
+
+def _goal(goal: str, value: float, target: str, met: bool) -> dict:
+    return {"goal": goal, "value": value, "target": target, "met": bool(met)}
+
+
+def ae_markdown(result: dict, link_prefix: str = "") -> str:
+    """The eval-ae table (mean ± 95% CI), goals, plot and strips as markdown; links start with `link_prefix`."""
+    settings = result["settings"]
+    lpips = settings.get("lpips")
+    headers = ["model", "scale", "n", "PSNR (dB)", "SSIM", *(["LPIPS"] if lpips else []), "spectral dist. (dB) ↓", "consistency (dB)", "render (s)"]
+    rows = []
+    for r in result["rows"]:
+        cells = [r["model"], str(r["scale"]), str(r["n"]), _with_ci(r["psnr"], r["psnr_ci"], 2), _with_ci(r["ssim"], r["ssim_ci"], 4)]
+        cells += [_with_ci(r["lpips"], r["lpips_ci"], 4)] if lpips else []
+        cells += [_with_ci(r["spectral_db"], r["spectral_db_ci"], 2), _with_ci(r["consistency_db"], r["consistency_db_ci"], 2), _number(r["render_s"], 1)]
+        rows.append(cells)
+    images = settings["images"]
+    text = (
+        f"{len(images)} images ({', '.join(images)}), scales {', '.join(map(str, settings['scales']))} "
+        f"(long side, native aspect), {settings['dtype']}, {_machine_line(result['machine'])}.\n\n"
+    )
+    text += markdown_table(headers, rows)
+    if result.get("goals"):
+        text += "\n" + goals_markdown(result["goals"])
+    if result.get("skipped"):
+        text += "\nSkipped: " + ", ".join(f"{name} ({why})" for name, why in result["skipped"].items()) + ".\n"
+    if result.get("plot"):
+        text += f"\n![eval-ae plot]({link_prefix}{result['plot']})\n"
+    for name in result.get("strips", [])[:1]:
+        text += f"\nCrops at the largest scale (ground truth, then each model): ![strip]({link_prefix}{name})\n"
+    return text
+
+
+def goals_markdown(goals: list[dict]) -> str:
+    rows = [[g["goal"], _number(g["value"], 3), g["target"], "yes" if g["met"] else "**no**"] for g in goals]
+    return markdown_table(["goal", "value", "target", "met"], rows)
+
+
+def _machine_line(machine: dict) -> str:
+    where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('cpu_count')} cores)"
+    return f"{where}, torch {machine.get('torch')}, {str(machine.get('date', ''))[:10]}"
+
+
+def _metric_panels(rows: list[dict], names: tuple[str, ...], series_key: str) -> list[tuple[str, str, list[Line]]]:
+    panels = []
+    for name in names:
+        lines = []
+        for label in dict.fromkeys(r[series_key] for r in rows):
+            points = [r for r in rows if r[series_key] == label and r.get(name) is not None and math.isfinite(r[name])]
+            lines.append(Line(label, [r["scale"] for r in points], [r[name] for r in points], [r.get(f"{name}_ci") for r in points]))
+        panels.append((METRIC_TITLES[name][0], METRIC_TITLES[name][1], lines))
+    return panels
+
+
+def write_ae_report(result: dict, out: str | os.PathLike, name: str = "eval-ae") -> dict[str, Path]:
+    """Write NAME.json, NAME.md, NAME.png and strips/NAME-IMAGE.png into `out`; returns the paths."""
+    out = Path(out)
+    strips = result.pop("_strips", {})
+    result["strips"] = []
+    for stem, strip in strips.items():
+        relative = f"strips/{name}-{stem}.png"
+        save_image(strip, out / relative)
+        result["strips"].append(relative)
+    result["plot"] = f"{name}.png"
+    scales = result["settings"]["scales"]
+    plot_scales(out / result["plot"], _metric_panels(result["rows"], AE_METRICS, "model"), scales, f"eval-ae: {len(result['settings']['images'])} images")
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", f"# Autoencoder evaluation\n\n{ae_markdown(result)}")
+    return {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "plot": out / result["plot"]}
+
+
+# ---------------------------------------------------------------- generated images
+
+
+def crop_positions(size: Size, patch: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """`count` random (top, left) of patch² crops inside an image of `size`; all of them if there are fewer."""
+    h, w = size
+    rows, cols = h - patch + 1, w - patch + 1
+    if rows <= 0 or cols <= 0:
+        return []
+    if rows * cols <= count:
+        return [(top, left) for top in range(rows) for left in range(cols)]
+    return [(int(rng.integers(rows)), int(rng.integers(cols))) for _ in range(count)]
+
+
+def scale_patches(image: torch.Tensor, scale: int, patch: int, count: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[tuple[int, int]], Size]:
+    """Random patch² crops of image (3, H, W) resized (antialiased) to short side `scale`.
+
+    Returns (crops (n, 3, patch, patch), their (top, left) in the resized image, its size).
+    """
+    size = scaled_size(tuple(image.shape[-2:]), scale, "short")
+    resized = resize(image[None], size)[0]
+    positions = crop_positions(size, patch, count, rng)
+    crops = [resized[:, top : top + patch, left : left + patch] for top, left in positions]
+    return (torch.stack(crops) if crops else torch.empty(0, 3, patch, patch)), positions, size
+
+
+@dataclass
+class PatchSet:
+    """Features and spectra of one image set's patches, per scale."""
+
+    features: dict[int, dict[str, list[torch.Tensor]]]
+    spectra: dict[int, torch.Tensor]  # summed power per bin
+    counts: Counter
+    images: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+    too_small: Counter = field(default_factory=Counter)  # per scale
+
+    def stacked(self, scale: int, name: str) -> torch.Tensor | None:
+        parts = self.features[scale][name]
+        return torch.cat(parts) if parts else None
+
+    def mean_spectrum(self, scale: int) -> torch.Tensor | None:
+        return self.spectra[scale] / self.counts[scale] if self.counts[scale] else None
+
+
+def collect_patches(
+    paths: list[Path], scales: list[int], patch: int, per_image: int, seed: int, extractors: dict, progress: bool = True, desc: str = "patches"
+) -> PatchSet:
+    """Crop every image at every scale and keep only the patches' features and spectra.
+
+    The crops of image i at scale S come from the generator seeded with (seed, i, S):
+    the same arguments give the same patches on any machine, and a set compared with
+    itself gives identical patches (distance 0).
+    """
+    result = PatchSet({s: {name: [] for name in extractors} for s in scales}, {s: 0 for s in scales}, Counter())
+    for index, path in enumerate(tqdm(paths, desc=desc, unit="image", disable=not progress)):
+        try:
+            image = load_image(path)
+        except ImageError as error:
+            result.skipped[path.name] = error.reason
+            continue
+        result.images += 1
+        for scale in scales:
+            if min(image.shape[-2:]) < scale:
+                result.too_small[scale] += 1
+                continue
+            crops, _, _ = scale_patches(image, scale, patch, per_image, np.random.default_rng([seed, index, scale]))
+            for name, extract in extractors.items():
+                result.features[scale][name].append(extract(crops))
+            result.spectra[scale] = result.spectra[scale] + metrics.radial_power_spectrum(crops).sum(0)
+            result.counts[scale] += len(crops)
+    if not result.images:
+        raise InfdError(f"none of the {len(paths)} images could be read ({', '.join(f'{k}: {v}' for k, v in result.skipped.items())}).")
+    return result
+
+
+def compare_patch_sets(real: PatchSet, generated: PatchSet, scales: list[int], patch: int, label: str) -> list[dict]:
+    """One row per scale: FID (if Inception features were taken), random-feature FD, spectral distance."""
+    rows = []
+    for scale in scales:
+        row = {"samples": label, "scale": scale, "patch": patch, "n_real": real.counts[scale], "n_samples": generated.counts[scale]}
+        for name in real.features[scale]:
+            a, b = real.stacked(scale, name), generated.stacked(scale, name)
+            enough = a is not None and b is not None and len(a) >= 2 and len(b) >= 2
+            row[name] = metrics.frechet_distance(a, b) if enough else None
+        spectra = real.mean_spectrum(scale), generated.mean_spectrum(scale)
+        row["spectral_db"] = None if None in spectra else float((metrics.spectrum_db(spectra[0]) - metrics.spectrum_db(spectra[1])).abs().mean())
+        rows.append(row)
+    return rows
+
+
+def evaluate_generated(
+    samples: dict[str, list[Path]],
+    real: list[Path],
+    scales: list[int],
+    patch: int = 256,
+    per_image: int = 4,
+    seed: int = 0,
+    inception: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Compare each set of generated images (label -> paths) with the real images, patch by patch at each scale."""
+    if patch < MIN_SCALE:
+        raise InfdError(f"--patch must be at least {MIN_SCALE} pixels, got {patch}.")
+    if per_image < 1:
+        raise InfdError(f"--patches-per-image must be at least 1, got {per_image}.")
+    if scales[0] < patch:
+        raise InfdError(f"every scale must be at least the patch size {patch} (a patch is cut from the image at that scale), got {scales[0]}.")
+    device = rendering.pick_device(device) if isinstance(device, str) else device
+    start = time.perf_counter()
+    extractors = {"rfid": metrics.RandomConvFeatures(seed=0).to(device)}
+    if inception is not None:
+        extractors["fid"] = metrics.InceptionFeatures(inception, device)
+    real_set = collect_patches(real, scales, patch, per_image, seed, extractors, progress, "real patches")
+    rows, sets = [], {}
+    for label, paths in samples.items():
+        same = [p.resolve() for p in paths] == [p.resolve() for p in real]  # a sanity check: distance 0
+        generated = real_set if same else collect_patches(paths, scales, patch, per_image, seed, extractors, progress, f"{label} patches")
+        rows += compare_patch_sets(real_set, generated, scales, patch, label)
+        sets[label] = {"images": generated.images, "skipped": generated.skipped, "too_small": dict(generated.too_small)}
+    if not any(row["n_real"] >= 2 and row["n_samples"] >= 2 for row in rows):
+        raise InfdError(f"no scale has 2 or more patches in both sets: the images are smaller than the scales {', '.join(map(str, scales))}; pass smaller --scales.")
+    return {
+        "benchmark": "eval-gen",
+        "machine": machine_summary(device),
+        "settings": {
+            "scales": scales,
+            "scale_meaning": "short side; patches are random patch² crops of each image resized (antialiased) to that scale",
+            "patch": patch,
+            "patches_per_image": per_image,
+            "seed": seed,
+            "inception": str(inception) if inception else None,
+            "random_features": "infd.metrics.RandomConvFeatures(seed=0)",
+        },
+        "real": {"images": real_set.images, "skipped": real_set.skipped, "too_small": dict(real_set.too_small)},
+        "samples": sets,
+        "rows": rows,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def gen_markdown(result: dict, link_prefix: str = "") -> str:
+    settings = result["settings"]
+    with_fid = settings.get("inception") is not None
+    headers = ["samples", "scale", "patches (real / samples)", *(["FID (Inception)"] if with_fid else []), "random-feature FD", "spectral dist. (dB)"]
+    rows = []
+    for r in result["rows"]:
+        kind = " (FID)" if r["scale"] == r["patch"] else " (patch)"
+        cells = [r["samples"], f"{r['scale']}{kind}", f"{r['n_real']} / {r['n_samples']}"]
+        cells += [_number(r.get("fid"), 2)] if with_fid else []
+        cells += [_number(r["rfid"], 4), _number(r["spectral_db"], 2)]
+        rows.append(cells)
+    text = (
+        f"{result['real']['images']} real images, {settings['patch']}² patches, up to {settings['patches_per_image']} per image and scale "
+        f"(scale = short side), seed {settings['seed']}, {_machine_line(result['machine'])}.\n\n"
+    )
+    text += markdown_table(headers, rows)
+    if result.get("plot"):
+        text += f"\n![eval-gen plot]({link_prefix}{result['plot']})\n"
+    return text
+
+
+def write_gen_report(result: dict, out: str | os.PathLike, name: str = "eval-gen") -> dict[str, Path]:
+    out = Path(out)
+    result["plot"] = f"{name}.png"
+    names = ("fid", "rfid", "spectral_db") if result["settings"].get("inception") else ("rfid", "spectral_db")
+    panels = _metric_panels(result["rows"], names, "samples")
+    plot_scales(out / result["plot"], panels, result["settings"]["scales"], "eval-gen: generated vs real patches")
+    write_json(out / f"{name}.json", result)
+    write_text(out / f"{name}.md", f"# Generated images: FID and patch-FID\n\n{gen_markdown(result)}")
+    return {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "plot": out / result["plot"]}

@@ -205,6 +205,13 @@ GOAL_COLUMNS = [
 ]  # for rows {"goal", "value", "target", "met"}
 
 
+def goal(name: str, value: float, target: float, unit: str = "", lower_is_better: bool = False) -> dict:
+    """One row of a benchmark's goals: did `value` reach `target` (>= by default, <= if lower is better)?"""
+    met = value <= target if lower_is_better else value >= target
+    bound = f"{'<=' if lower_is_better else '>='} {target:g}" + (f" {unit}" if unit else "")
+    return {"goal": name, "value": value, "target": bound, "met": met}
+
+
 def make_console():
     """A rich console at least 120 columns wide (pipes and logs default to 80)."""
     from rich.console import Console

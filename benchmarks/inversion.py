@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -243,8 +244,8 @@ def check_goals(rows: list[dict], grad: dict) -> list[dict]:
         if row["mode"] == "naive" and row["canvas"] in GOALS and "memory_ratio" in row:
             label = f"step memory naive / region at {row['canvas']}²" + (" (naive estimated)" if row.get("estimated") else "")
             target = GOALS[row["canvas"]]
-            goals.append({"goal": label, "value": row["memory_ratio"], "target": f">= {target:g}x", "met": row["memory_ratio"] >= target})
-    goals.append({"goal": f"gradient relative difference at {grad['canvas']}²", "value": grad["relative"], "target": "<= 1e-4", "met": grad["relative"] <= 1e-4})
+            goals.append(goal(label, row["memory_ratio"], target, "x"))
+    goals.append(goal(f"gradient relative difference at {grad['canvas']}²", grad["relative"], 1e-4, lower_is_better=True))
     return goals
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -288,11 +289,6 @@ def check_goals(device: torch.device, throughput: list[dict], memory: list[dict]
             ratio = peaks[(variant, "8192x8192")] / peaks[(variant, "1024x1024")]
             goals.append(goal(f"tiled peak 8192² / 1024², {variant}", ratio, GOAL_MEMORY_RATIO, "x", lower_is_better=True))
     return goals
-
-
-def goal(name: str, value: float, target: float, unit: str, lower_is_better: bool = False) -> dict:
-    met = value <= target if lower_is_better else value >= target
-    return {"goal": name, "value": value, "target": f"{'<=' if lower_is_better else '>='} {target} {unit}", "met": met}
 
 
 COLUMNS = [

@@ -191,7 +191,9 @@ def section(result: Result, out_dir: Path) -> str:
         text += "*Smoke test (`--quick`): tiny models and sizes, the numbers say only that it runs.*\n\n"
     if result.name in ("eval-ae", "eval-gen"):
         render = ae_markdown if result.name == "eval-ae" else gen_markdown
-        return text + render(data, link_prefix=relative(result.path.parent, out_dir) + "/") + "\n"
+        text += render(data, link_prefix=relative(result.path.parent, out_dir) + "/") + "\n"
+        # Picture strips saved beside the result (e.g. the same crop from each model).
+        return text + "".join(f"![{p.stem}]({relative(p, out_dir)})\n\n" for p in sorted(result.path.parent.glob("strip*.png")))
     if data.get("goals"):
         text += "Goals:\n\n" + goals_markdown(data["goals"]) + "\n"
     text += rows_table(data["rows"], benchmark_columns(result.name)) + "\n"

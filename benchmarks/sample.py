@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
+    goal,
     MIB,
     REPO_ROOT,
     Column,
@@ -255,19 +256,16 @@ def finish_rows(rows: list[dict], sampling: dict) -> None:
 
 def check_goals(rows: list[dict], device: torch.device, paper: bool) -> list[dict]:
     goals = []
+    note = "" if device.type == "cuda" and paper else " (reference only: the goal is for the paper sizes on CUDA)"
     infd = sorted((r for r in rows if r["method"] == "infd" and "total_s" in r), key=lambda r: r["megapixels"])
     target = next((r for r in infd if (r["height"], r["width"]) == GOAL_SIZE), None)
     if target and "vs_fixed_native" in target:
-        goals.append(goal(f"INFD {target['size']} end to end / fixed at native, {device.type}", target["vs_fixed_native"], GOAL_RATIO, "x", official=device.type == "cuda" and paper))
+        goals.append(goal(f"INFD {target['size']} end to end / fixed at native, {device.type}" + note, target["vs_fixed_native"], GOAL_RATIO, "x", lower_is_better=True))
     with_peak = [r for r in infd if "render_peak_mib" in r]
     if len(with_peak) >= 2:
         ratio = with_peak[-1]["peak_mib"] / with_peak[0]["peak_mib"]
-        goals.append(goal(f"INFD peak memory {with_peak[-1]['size']} / {with_peak[0]['size']}", ratio, GOAL_MEMORY_RATIO, "x", official=device.type == "cuda" and paper))
+        goals.append(goal(f"INFD peak memory {with_peak[-1]['size']} / {with_peak[0]['size']}" + note, ratio, GOAL_MEMORY_RATIO, "x", lower_is_better=True))
     return goals
-
-
-def goal(name: str, value: float, target: float, unit: str, official: bool) -> dict:
-    return {"goal": name + ("" if official else " (reference only: the goal is for the paper sizes on CUDA)"), "value": value, "target": f"<= {target} {unit}", "met": value <= target}
 
 
 COLUMNS = [

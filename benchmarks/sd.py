@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -191,10 +192,6 @@ def measure_finetune_step(spec_key: tuple, batch: int, device: torch.device, dty
 
 
 # ---------------------------------------------------------------- goals, table, plot
-
-
-def goal(name: str, value: float, target: float) -> dict:
-    return {"goal": name, "value": value, "target": f">= {target}", "met": value >= target}
 
 
 def check_goals(rows: list[dict], native: int, device: torch.device) -> list[dict]:

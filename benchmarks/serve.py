@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    goal,
     GOAL_COLUMNS,
     MIB,
     REPO_ROOT,
@@ -341,11 +342,6 @@ def check_goals(device: str, tiles: list[dict], exports: list[dict]) -> list[dic
         small, big = min(peaks, key=lambda r: r["megapixels"]), max(peaks, key=lambda r: r["megapixels"])
         goals.append(goal(f"export peak RSS {big['size']} / {small['size']}", big["peak_rss_mib"] / small["peak_rss_mib"], GOAL_MEMORY_RATIO, "x", lower_is_better=True))
     return goals
-
-
-def goal(name: str, value: float, target: float, unit: str, lower_is_better: bool = False) -> dict:
-    met = value <= target if lower_is_better else value >= target
-    return {"goal": name, "value": value, "target": f"{'<=' if lower_is_better else '>='} {target} {unit}", "met": met}
 
 
 TILE_COLUMNS = [

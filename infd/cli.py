@@ -251,7 +251,7 @@ def sample(
                 bar.update(1)
     bar.close()
     shown = ", ".join(f"{w}x{h}" for h, w in sizes)
-    console.print(f"[green]wrote[/] {n} samples ({shown}) and their z to {out} ({time.perf_counter() - start:.1f} s)")
+    console.print(f"[green]wrote[/] {n} sample{'s' if n != 1 else ''} ({shown}) and {'their' if n != 1 else 'its'} z to {out} ({time.perf_counter() - start:.1f} s)")
 
 
 @app.command("render")

@@ -310,6 +310,8 @@ def screenshot(args, path: Path) -> None:
     options = ["--device", args.device]
     if args.image:
         options += ["--image", str(args.image)]
+    if args.seed is not None:
+        options += ["--seed", str(args.seed)]
     with ServeProcess(args.ckpt or DEMO_CKPT, options) as server:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=os.environ.get("INFD_CHROMIUM", "/usr/bin/chromium"), headless=True)
@@ -417,6 +419,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny model, short rows, small exports: a smoke test")
     parser.add_argument("--screenshot", type=Path, help="only take a screenshot of the viewer into this PNG (needs chromium)")
     parser.add_argument("--image", type=Path, help="with --screenshot: the image to show (encoded by --ckpt)")
+    parser.add_argument("--seed", type=int, help="with --screenshot and a pipeline --ckpt: the sample to show")
     parser.add_argument("--screenshot-zoom", type=float, default=1.0, help="with --screenshot: zoom factor from the whole image")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     args = parser.parse_args()

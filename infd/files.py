@@ -30,6 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _unique_sibling(path, f".{path.stem}.tmp-", path.suffix, _create_file)
     try:
         yield tmp
+        # Some writers replace the file they are given (safetensors writes 0o600): restore
+        # the permissions a normally opened file gets.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -83,6 +86,15 @@ def _unique_sibling(path: Path, prefix: str, suffix: str, create: Callable[[Path
             continue
         return candidate
     raise FileExistsError(f"could not find a free temporary name next to {path}")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _create_file(path: Path) -> None:

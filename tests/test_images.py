@@ -297,3 +297,13 @@ def test_resize_shapes_constants_and_identity():
     assert resize(image, (20, 30)) is image
     assert 0 <= resize(image, (50, 70)).min() and resize(image, (50, 70)).max() <= 1  # bicubic overshoot clamped
 
+
+
+def test_atomic_latent_has_ordinary_permissions(tmp_path):
+    """safetensors writes 0o600 files; an atomic output gets what the umask gives any new file."""
+    from infd.latents import save_latent
+
+    save_latent(tmp_path / "z.safetensors", torch.zeros(1, 3, 4, 4))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "z.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -212,8 +212,13 @@ def sample(
     bf16: bool = typer.Option(False, help="Sample and render in bfloat16 (autocast)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
-    """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later."""
+    """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later.
+
+    Under `accelerate launch` each process samples its share (sample i on process i mod N)
+    on its own device; the files are the same as one process would write.
+    """
     import torch
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from infd import images
@@ -229,17 +234,23 @@ def sample(
     if steps <= 0:
         raise InfdError(f"--steps must be at least 1, got {steps}.")
     folder = find_pipeline(ckpt)
+    state = PartialState(cpu=device == "cpu")
+    if state.num_processes > 1:
+        device = state.device  # one device per process
     pipe = load_pipeline(folder, device).use_sampler(sampler)
     check_sampling(pipe.scheduler, steps, eta)
     pipe.autoencoder.get_renderer(renderer)
     sizes = sizes or [(pipe.autoencoder.config.input_size,) * 2]
-    pipe.set_progress_bar_config(desc="sampling", disable=not progress, leave=False)
+    pipe.set_progress_bar_config(desc="sampling", disable=not (progress and state.is_main_process), leave=False)
     dtype = torch.bfloat16 if bf16 else None
     metadata = {"ckpt": str(folder), "sampler": sampler, "steps": steps, "eta": eta, "scaling_factor": pipe.scaling_factor}
     start = time.perf_counter()
-    bar = tqdm(total=n * len(sizes), desc="render", unit="image", disable=not progress)
-    for first in range(0, n, batch_size):
-        indices = range(first, min(first + batch_size, n))
+    mine = range(state.process_index, n, state.num_processes)
+    if state.num_processes > 1:
+        console.print(f"process {state.process_index} of {state.num_processes}: samples {', '.join(map(str, mine)) or 'none'} on {device}")
+    bar = tqdm(total=len(mine) * len(sizes), desc="render", unit="image", disable=not (progress and state.is_main_process))
+    for first in range(0, len(mine), batch_size):
+        indices = mine[first : first + batch_size]
         generators = [torch.Generator().manual_seed(seed + i) for i in indices]
         z = pipe.sample_latents(len(indices), steps, generators, eta, dtype=dtype)
         for row, i in enumerate(indices):
@@ -250,6 +261,9 @@ def sample(
                 images.save_image(pixels, out / name)
                 bar.update(1)
     bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
     shown = ", ".join(f"{w}x{h}" for h, w in sizes)
     console.print(f"[green]wrote[/] {n} sample{'s' if n != 1 else ''} ({shown}) and {'their' if n != 1 else 'its'} z to {out} ({time.perf_counter() - start:.1f} s)")
 

@@ -107,6 +107,28 @@ def test_same_seed_same_images_whatever_the_batch(pipe_folder, tmp_path):
     assert not np.array_equal(png(a / "sample_0000.png"), png(other / "sample_0000.png"))
 
 
+def test_sample_shards_across_processes(pipe_folder, tmp_path):
+    """Two processes (torchrun, as `accelerate launch` starts them) write the same samples as one."""
+    import os
+    import subprocess
+    import sys
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    # 4 samples (the default --n: torchrun's own parser would take "--n" for one of its options)
+    options = ["--ckpt", pipe_folder, "--batch-size", 1, "--size", 20, "--steps", 3, "--seed", 4, "--device", "cpu", "--no-progress"]
+    assert invoke("sample", *options, "--out", single).exit_code == 0
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "infd.cli", "sample", *map(str, options), "--out", str(sharded)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "process 1 of 2: samples 1, 3" in result.stdout + result.stderr, result.stderr[-2000:]
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    for i in range(4):
+        a, b = load_latent(single / f"sample_{i:04d}.z.safetensors")[0], load_latent(sharded / f"sample_{i:04d}.z.safetensors")[0]
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), f"sample {i} differs"
+
+
 @pytest.fixture
 def mismatched_pipe(make_tiny_pipeline, make_tiny_model, tmp_path):
     folder = tmp_path / "mismatched"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -344,7 +345,25 @@ def info(run: Path = typer.Argument(..., help="Run folder, checkpoint folder or 
         table.add_row("training step", str(step))
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     table.add_row("files", f"{', '.join(sorted(f.name for f in folder.iterdir()))} ({size / 2**20:.1f} MiB)")
+    if folder.name == "autoencoder" and (folder.parent / "model_index.json").is_file():
+        _describe_pipeline(table, folder.parent, model)
     Console().print(table)
+
+
+def _describe_pipeline(table: Table, folder: Path, autoencoder) -> None:
+    """Rows for the diffusion half of a pipeline folder, read from its configs and weight headers."""
+    from safetensors import safe_open
+
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    parameters = 0
+    for weights in (folder / "unet").glob("*.safetensors"):
+        with safe_open(str(weights), "pt") as f:
+            parameters += sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    channels = "/".join(map(str, unet.get("block_out_channels", [])))
+    table.add_row("diffusion UNet", f"{unet.get('_class_name')}, channels {channels}, {parameters / 1e6:.2f} M parameters")
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    table.add_row("scheduler", f"{scheduler.get('_class_name')}, {scheduler.get('num_train_timesteps')} steps, {scheduler.get('prediction_type')} prediction")
+    table.add_row("latent scaling factor", f"{autoencoder.config.scaling_factor:.4g}")
 
 
 # Register the commands of each area on `app` (those modules import `app` and `reports_errors` from here).

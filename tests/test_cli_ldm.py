@@ -107,6 +107,13 @@ def test_same_seed_same_images_whatever_the_batch(pipe_folder, tmp_path):
     assert not np.array_equal(png(a / "sample_0000.png"), png(other / "sample_0000.png"))
 
 
+def test_info_describes_both_halves_of_a_pipeline(pipe_folder):
+    result = invoke("info", pipe_folder)
+    assert result.exit_code == 0, result.output
+    for row in ("latent z", "renderer", "diffusion UNet", "UNet2DModel", "scheduler", "latent scaling factor"):
+        assert row in result.output, row
+
+
 def test_sample_shards_across_processes(pipe_folder, tmp_path):
     """Two processes (torchrun, as `accelerate launch` starts them) write the same samples as one."""
     import os

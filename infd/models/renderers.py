@@ -160,6 +160,32 @@ class FixedResolutionRenderer(Renderer):
         return self.head.weight
 
 
+class ResidualCLIFRenderer(CLIFRenderer):
+    """CLIF adding detail to the bicubic upsampling of a fixed-resolution RGB head.
+
+    For a converted LDM autoencoder the head is the original decoder's last conv, so the
+    renderer starts as "the original decoder, upsampled": its CLIF output conv starts at
+    zero, and at the original output size the render equals the original decoder's image.
+    Finetuning teaches CLIF the residual detail. The state is phi and the head's image
+    stacked, (B, F + 3, S, S), so tiles and the interface stay those of every renderer.
+    """
+
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2):
+        super().__init__(feature_channels, hidden_channels, num_blocks)
+        self.base = FixedResolutionRenderer(feature_channels)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        return torch.cat([phi, self.base.prepare(phi)], dim=1)
+
+    def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        phi, rgb = state[:, :-3], state[:, -3:]
+        halo = self.halo  # the head reads the window's centers without CLIF's halo
+        base = self.base(rgb, ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo], cell)
+        return base + super().forward(phi, ys, xs, cell)
+
+
 def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2) -> Renderer:
     if kind == "clif":
         return CLIFRenderer(feature_channels, hidden_channels, num_blocks)

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from infd.errors import InfdError
 from infd.files import atomic_path
-from infd.geometry import Size, check_size
+from infd.geometry import Size, Window, check_size
 
 MAX_IMAGE_PIXELS = 2**28  # decompression-bomb cap: a header claiming more is refused before decoding
 MIN_IMAGE_SIDE = 8
@@ -361,3 +361,58 @@ def resize(image: torch.Tensor, size: Size, antialias: bool = True) -> torch.Ten
     resized = F.interpolate(batch, size=(h, w), mode="bicubic", antialias=antialias, align_corners=False)
     return resized.clamp(0, 1).reshape(*leading, image.shape[-3], h, w)
 
+
+
+def resize_window(image: torch.Tensor, size: Size, window: Window) -> torch.Tensor:
+    """`window` of `resize(image, size)`, (3, H, W) -> (3, window.height, window.width),
+    computing only those pixels. `image` is float in [0, 1] or uint8.
+
+    Antialiased bicubic downsampling is separable: output rows are fixed mixtures of input
+    rows, likewise columns. The window's rows of that matrix (and its columns') are built
+    as in torch's antialiased kernel and applied to the input band they touch, so a small
+    crop of a large image costs a small fraction of the whole resize and equals its
+    pixels (to float32 rounding, ~1e-6). Upsampling falls back to `resize`, then crops.
+    """
+    h, w = check_size(size, "resize size")
+    rows = slice(window.top, window.top + window.height)
+    cols = slice(window.left, window.left + window.width)
+    if (h, w) == tuple(image.shape[-2:]):
+        return unit_float(image[..., rows, cols])
+    if h > image.shape[-2] or w > image.shape[-1]:
+        return resize(unit_float(image), (h, w))[..., rows, cols]
+    wy, y0, y1 = _antialiased_bicubic_rows(image.shape[-2], h, window.top, window.height)
+    wx, x0, x1 = _antialiased_bicubic_rows(image.shape[-1], w, window.left, window.width)
+    return (wy @ unit_float(image[..., y0:y1, x0:x1]) @ wx.T).clamp(0, 1)
+
+
+def unit_float(image: torch.Tensor) -> torch.Tensor:
+    """An image as float32 in [0, 1]: uint8 (0..255, a compact in-memory copy) is scaled."""
+    return image.float() / 255 if image.dtype == torch.uint8 else image.float()
+
+
+def _antialiased_bicubic_rows(n_in: int, n_out: int, first: int, count: int) -> tuple[torch.Tensor, int, int]:
+    """Rows first .. first + count - 1 of the (n_out, n_in) antialiased bicubic resampling
+    matrix (n_in >= n_out), restricted to the input span [start, stop) they touch.
+
+    Mirrors torch's antialiased bicubic (as Pillow's): the kernel (a = -0.5) is stretched
+    by the scale n_in / n_out, output pixel i is centred at scale * (i + 0.5) in input
+    pixel units, and its weights are normalised to sum to 1.
+    """
+    scale = n_in / n_out
+    support = 2.0 * scale
+    centers = scale * (np.arange(first, first + count) + 0.5)
+    lo = np.maximum((centers - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centers + support + 0.5).astype(np.int64), n_in)
+    start, stop = int(lo.min()), int(hi.max())
+    taps = np.arange(start, stop)
+    weights = _bicubic_kernel((taps[None, :] - centers[:, None] + 0.5) / scale)
+    weights[(taps[None, :] < lo[:, None]) | (taps[None, :] >= hi[:, None])] = 0.0
+    weights /= weights.sum(axis=1, keepdims=True)
+    return torch.from_numpy(weights.astype(np.float32)), start, stop
+
+
+def _bicubic_kernel(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = (((x - 5) * x + 8) * x - 4) * a
+    return np.where(x < 1, near, np.where(x < 2, far, 0.0))

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from infd.errors import InfdError
@@ -307,3 +309,19 @@ def test_atomic_latent_has_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "z.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    h=st.integers(4, 90), w=st.integers(4, 90), rh=st.integers(1, 120), rw=st.integers(1, 120),
+    data=st.data(), seed=st.integers(0, 2**31),
+)
+def test_resize_window_equals_the_same_pixels_of_the_whole_resize(h, w, rh, rw, data, seed):
+    from infd.geometry import Window
+    from infd.images import resize_window
+
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+    top, left = data.draw(st.integers(0, rh - 1)), data.draw(st.integers(0, rw - 1))
+    height, width = data.draw(st.integers(1, rh - top)), data.draw(st.integers(1, rw - left))
+    expected = resize(image, (rh, rw))[:, top : top + height, left : left + width]
+    torch.testing.assert_close(resize_window(image, (rh, rw), Window(top, left, height, width)), expected, atol=2e-5, rtol=0)

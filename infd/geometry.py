@@ -130,7 +130,7 @@ def axis_centers(lo: torch.Tensor, hi: torch.Tensor, n: int | torch.Tensor, star
     beyond the box with the same spacing (used for renderer halos).
     """
     lo, hi, n, start = (torch.as_tensor(v, dtype=torch.float64) for v in (lo, hi, n, start))
-    index = start.unsqueeze(-1) + torch.arange(count, dtype=torch.float64, device=start.device) + 0.5
+    index = start.unsqueeze(-1) + torch.arange(count, dtype=torch.float64) + 0.5
     return lo.unsqueeze(-1) + index * (hi - lo).unsqueeze(-1) / n.unsqueeze(-1)
 
 

@@ -159,12 +159,11 @@ def query_centers(batch: dict[str, torch.Tensor], halo: int) -> tuple[torch.Tens
     The crop is window (top, left, c, c) of the whole image at resolution (rh, rw).
     Returns ys (B, c + 2 halo), xs (B, c + 2 halo), cell (B, 2).
     """
-    # Query geometry is computed on the CPU in float64, as for rendering; the renderer moves it.
-    size, window = batch["size"].cpu(), batch["window"].cpu()
+    size, window = batch["size"], batch["window"]  # on the CPU (AutoencoderTrainer.host_keys)
     ch, cw = batch["gt"].shape[-2:]
     ys = geometry.axis_centers(-1.0, 1.0, size[:, 0], window[:, 0] - halo, ch + 2 * halo)
     xs = geometry.axis_centers(-1.0, 1.0, size[:, 1], window[:, 1] - halo, cw + 2 * halo)
-    return ys, xs, batch["cell"].double().cpu()
+    return ys, xs, batch["cell"].double()
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -199,6 +198,7 @@ class AutoencoderTrainer(StepTrainer):
     """Holds the state of one training run; `run()` trains until `config.steps`."""
 
     name = "train-ae"
+    host_keys = ("size", "window", "cell")  # query geometry: computed on the CPU in float64, as for rendering
 
     def __init__(self, config: AETrainConfig, data: str | Path | list, out: str | Path, resume: bool = False, exclude=(), progress: bool = True):
         config.validate()

@@ -59,6 +59,7 @@ def step_loader(dataset, sampler, num_workers: int, seed: int):
 class StepTrainer:
     name = "train"  # progress-bar label
     rate_name = "images_per_s"
+    host_keys: tuple[str, ...] = ()  # batch entries that stay on the CPU (not moved to the device)
 
     def training_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -79,7 +80,7 @@ class StepTrainer:
         while self.step < cfg.steps:
             batch = next(batches)
             self.failed_images += int(batch.pop("failed").sum())
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            batch = {k: v if k in self.host_keys else v.to(accelerator.device) for k, v in batch.items()}
             logs = self.train_step(batch)
             self.step += 1
             bar.update(1)

@@ -33,6 +33,7 @@ SIZE_HELP = "Output size as WIDTHxHEIGHT (e.g. 2048x1536) or one number for a sq
 BOX_HELP = "Region to render as y0,x0,y1,x1 in [-1, 1] image units (top-left to bottom-right); default: the whole image."
 RENDERER_HELP = "clif (default: the autoencoder's own renderer) or fixed: the fixed-resolution baseline head, upsampled."
 UPSAMPLE_HELP = "How --renderer fixed upsamples: bicubic (tiled) or lanczos (PIL, whole image)."
+TIME_LIMIT_HELP = "Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."
 
 
 def reports_errors(command):
@@ -52,6 +53,13 @@ def reports_errors(command):
     return wrapper
 
 
+def _override(config, **options) -> None:
+    """Set the config fields given on the command line (None: not given, keep the config's)."""
+    for name, value in options.items():
+        if value is not None:
+            setattr(config, name, value)
+
+
 @app.command("train-ae")
 @reports_errors
 def train_ae(
@@ -66,7 +74,7 @@ def train_ae(
     lpips_vgg: Optional[str] = typer.Option(None, help="Local VGG16 weights (.pth/.safetensors) to train with LPIPS instead of focal frequency loss."),
     num_workers: Optional[int] = typer.Option(None, help="Processes preparing training samples."),
     holdout: bool = typer.Option(False, help="Leave out infd.data.WALLPAPER_HOLDOUT, the evaluation split of the wallpapers set."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
     freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder/--no-freeze-encoder", help="Keep the encoder (and so the latent space) fixed, e.g. when finetuning a converted SD VAE. Default: the config's."),
     freeze_decoder: Optional[bool] = typer.Option(None, "--freeze-decoder/--no-freeze-decoder", help="Keep the decoder trunk fixed (train the renderer alone). Default: the config's."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -76,11 +84,10 @@ def train_ae(
     from infd.train_ae import AETrainConfig, train_autoencoder
 
     cfg = AETrainConfig.load(config) if config else AETrainConfig()
-    overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "init": init, "lpips_vgg": lpips_vgg, "time_limit": time_limit, "num_workers": num_workers}
-    overrides.update(freeze_encoder=freeze_encoder, freeze_decoder=freeze_decoder)
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(cfg, name, value)
+    _override(
+        cfg, steps=steps, batch_size=batch_size, lr=lr, init=init, lpips_vgg=lpips_vgg, time_limit=time_limit,
+        num_workers=num_workers, freeze_encoder=freeze_encoder, freeze_decoder=freeze_decoder,
+    )
     last = train_autoencoder(cfg, data, out, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
     console.print(f"[green]done:[/] last checkpoint {last}")
 
@@ -161,7 +168,7 @@ def train_ldm(
     batch_size: Optional[int] = typer.Option(None, help="Latents per step per process."),
     lr: Optional[float] = typer.Option(None, help="Learning rate."),
     holdout: bool = typer.Option(False, help="With --data: leave out infd.data.WALLPAPER_HOLDOUT."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""
@@ -170,9 +177,7 @@ def train_ldm(
     from infd.train_ldm import train_ldm as train
 
     cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
-    for name, value in {"steps": steps, "batch_size": batch_size, "lr": lr, "time_limit": time_limit}.items():
-        if value is not None:
-            setattr(cfg, name, value)
+    _override(cfg, steps=steps, batch_size=batch_size, lr=lr, time_limit=time_limit)
     last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
     console.print(f"[green]done:[/] last checkpoint {last}")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 from infd.files import atomic_directory
 from infd.models import NeuralFieldAutoencoder
 from infd.train_ae import AETrainConfig
@@ -126,10 +126,6 @@ def ldm_vae_config(checkpoint: dict[str, torch.Tensor], scaling_factor: float) -
         "out_ch": checkpoint[f"{prefix}decoder.conv_out.weight"].shape[0],
     }
     return {"model": {"params": {"scale_factor": scaling_factor, "first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
-
-
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 # ---------------------------------------------------------------- conversion

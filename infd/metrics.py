@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -312,7 +312,7 @@ class InceptionFeatures:
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
         except RuntimeError as error:  # missing or mis-shaped keys
-            raise InfdError(f"{path} does not hold torch-fidelity's InceptionV3 weights ({str(error).splitlines()[0]}).") from None
+            raise InfdError(f"{path} does not hold torch-fidelity's InceptionV3 weights ({first_line(error)}).") from None
         self.device = torch.device(device)
         self.net.to(self.device)
 

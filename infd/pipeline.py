@@ -32,7 +32,7 @@ from PIL import Image
 
 from infd import geometry
 from infd.diffusion import check_sampling, make_sampler, sample
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, render
@@ -279,7 +279,7 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu") -
     except InfdError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise InfdError(f"could not load the pipeline from '{folder}': {reason}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(pick_device(device) if isinstance(device, str) else device)

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size, Window
 from infd.images import load_image, pil_to_tensor, resize
 from infd.models import NeuralFieldAutoencoder
@@ -71,7 +71,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Ne
     try:
         model = NeuralFieldAutoencoder.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise InfdError(f"could not load the autoencoder from '{folder}': {reason}") from None
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()

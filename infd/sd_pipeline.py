@@ -30,7 +30,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from infd import geometry
 from infd.diffusion import check_sampling, make_sampler, step_options
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.pipeline import OUTPUT_TYPES, PIPELINE_INDEX, to_output
@@ -249,10 +249,6 @@ def _load_part(folder: Path, cls: type):
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
         raise InfdError(f"could not load the {folder.name} ({cls.__name__}) from '{folder}': {first_line(error)}") from None
     return part.eval() if isinstance(part, torch.nn.Module) else part
-
-
-def first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def scheduler_class(folder: Path) -> type:

@@ -47,7 +47,7 @@ from infd.diffusion import (
     diffusion_loss,
     make_training_scheduler,
 )
-from infd.errors import InfdError
+from infd.errors import InfdError, first_line
 from infd.files import atomic_directory
 from infd.images import save_image
 from infd.latents import (
@@ -143,7 +143,7 @@ def build_unet(options: dict, latent_shape: tuple[int, int, int]) -> UNet2DModel
     try:
         return UNet2DModel(**{**options, **shape_options})
     except (TypeError, ValueError, AttributeError) as error:
-        raise InfdError(f"invalid UNet options ({str(error).splitlines()[0]}); see diffusers' UNet2DModel.") from None
+        raise InfdError(f"invalid UNet options ({first_line(error)}); see diffusers' UNet2DModel.") from None
 
 
 # ------------------------------------------------------------------ training items

@@ -27,6 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from infd.errors import InfdError
+from infd.rendering import autocast
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -142,9 +143,9 @@ def sample(
     x = latents.to(device, torch.float32) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_inference_steps, device=device)
     options = step_options(scheduler, eta, generator)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+    precision = autocast(device, dtype)
     for t in (progress or iter)(scheduler.timesteps):
-        with autocast:
+        with precision:
             prediction = unet(scheduler.scale_model_input(x, t).to(param.dtype), t).sample
         x = scheduler.step(prediction.float(), t, x, **options).prev_sample
     return x

@@ -43,7 +43,7 @@ from infd.files import atomic_directory, atomic_path
 from infd.geometry import Box, Size, Window
 from infd.images import to_uint8_hwc
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import check_latent
+from infd.rendering import autocast, check_latent, to_unit_rgb
 
 TILE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 TIFF_COMPRESSIONS = ("deflate", "none")
@@ -77,13 +77,8 @@ class LatentField:
         self.model, self.box, self.renderer, self.dtype = model, box or Box.full(), renderer, dtype
         self.device = param.device
         self.halo = model.get_renderer(renderer).halo
-        with torch.no_grad(), self._precision():
+        with torch.no_grad(), autocast(self.device, dtype):
             self.state = model.prepare_render(z.to(param.device, param.dtype), renderer)
-
-    def _precision(self):
-        if self.dtype is None or self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     @torch.no_grad()
     def render(self, requests: Sequence[tuple[Size, Window]], box: Box | None = None) -> torch.Tensor:
@@ -100,9 +95,9 @@ class LatentField:
         xs = torch.stack([x for _, x in centers])
         cell = torch.tensor([geometry.cell_size(box, size) for size, _ in requests], dtype=torch.float64)
         state = self.state.expand(len(requests), *self.state.shape[1:])  # a view: phi is not copied
-        with self._precision():
+        with autocast(self.device, self.dtype):
             rgb = self.model.render_window(state, ys, xs, cell, self.renderer)
-        return ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
+        return to_unit_rgb(rgb)
 
     def tiles(self, size: Size, tile: int | Size, box: Box | None = None) -> Iterator[tuple[Window, np.ndarray]]:
         """The H x W grid over `box` tile by tile, row-major: (window, (h, w, 3) uint8)."""

@@ -12,9 +12,8 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -134,13 +133,14 @@ def render_window(
     return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
 
 
-@contextlib.contextmanager
-def _precision(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
-    if dtype is None or dtype == torch.float32:
-        yield
-    else:
-        with torch.autocast(device.type, dtype=dtype):
-            yield
+def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast to `dtype` (bfloat16/float16) on `device`; a no-op for None or float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+
+
+def to_unit_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """A renderer's output (about [-1, 1], any dtype and device) as float32 in [0, 1] on the CPU."""
+    return ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
 
 
 @torch.no_grad()
@@ -178,11 +178,11 @@ def render(
         )
     windows = geometry.tiles(size, tile or size)
     output = None if sink is not None else torch.empty(b, 3, h, w)
-    with _precision(param.device, dtype):
+    with autocast(param.device, dtype):
         state = model.prepare_render(z, renderer)
         for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
             rgb = render_window(model, state, box, size, window, renderer)
-            rgb = ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
+            rgb = to_unit_rgb(rgb)
             if output is None:
                 sink(window, rgb)
             else:

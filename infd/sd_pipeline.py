@@ -34,7 +34,7 @@ from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.pipeline import OUTPUT_TYPES, PIPELINE_INDEX, to_output
-from infd.rendering import DEFAULT_TILE, load_autoencoder, pick_device, render
+from infd.rendering import DEFAULT_TILE, autocast, load_autoencoder, pick_device, render
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 SD_LAYOUT = "a Stable Diffusion folder in the diffusers layout (model_index.json, text_encoder/, tokenizer/, unet/, scheduler/)"
@@ -120,10 +120,10 @@ class INFDStableDiffusionPipeline(DiffusionPipeline):
         scheduler.set_timesteps(num_inference_steps, device=param.device)
         x = latents.to(param.device, torch.float32) * scheduler.init_noise_sigma
         options = step_options(scheduler, eta, generator)
-        autocast = torch.autocast(param.device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
+        precision = autocast(param.device, dtype)
         for t in self.progress_bar(iterable=scheduler.timesteps):
             x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            with autocast:
+            with precision:
                 prediction = self.unet(x_in.to(param.dtype), t, encoder_hidden_states=text.to(param.dtype)).sample.float()
             if guided:
                 unconditional, conditional = prediction.chunk(2)

@@ -254,16 +254,20 @@ class Panel:
     xticks: dict[float, str] = field(default_factory=dict)  # value -> label, replacing the default ticks
 
 
-def plot_panels(path: Path, panels: Sequence[Panel], title: str) -> None:
-    """Panels side by side, one line (with markers) per series, saved as a PNG."""
+def plot_panels(path: Path, panels: Sequence[Panel], title: str, columns: int | None = None) -> None:
+    """Panels side by side (`columns` per row; default all in one), one line (with markers) per series, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    cols = columns or len(panels)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 4.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
         for s in panel.series:
             if s.x:
                 ax.plot(s.x, s.y, label=s.label, **{"marker": "o", **s.style})

@@ -32,33 +32,46 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import infd
-from infd import metrics, rendering
+from infd import geometry, metrics, rendering
 from infd.data import WALLPAPER_HOLDOUT, list_images
 from infd.errors import InfdError
 from infd.files import atomic_path
-from infd.geometry import Size
+from infd.geometry import Box, Size
 from infd.images import ImageError, load_image, resize, save_image
-from infd.models.renderers import RENDERERS
+from infd.models.renderers import RENDERERS, FixedResolutionRenderer
 
 MIN_SCALE = 32  # SSIM needs 11 px and LPIPS about 32 px on the short side
-AE_METRICS = ("psnr", "ssim", "lpips", "spectral_db", "consistency_db")
+AE_METRICS = ("psnr", "ssim", "lpips", "spectral_db", "consistency_db", "colour", "rim_db", "blockiness", "zoom_blockiness")
 METRIC_TITLES = {
     "psnr": ("PSNR", "dB, higher is better"),
     "ssim": ("SSIM", "higher is better"),
     "lpips": ("LPIPS", "lower is better"),
     "spectral_db": ("spectral distance (detail)", "dB, lower is better"),
     "consistency_db": ("scale consistency", "PSNR vs the largest render, dB"),
+    "colour": ("colour error", "|channel mean difference|, /255, lower is better"),
+    "rim_db": ("rim", "interior minus border PSNR, dB, lower is better"),
+    "blockiness": ("blockiness", "cell-edge step / other steps, 1 = smooth"),
+    "zoom_blockiness": ("blockiness at 4x zoom", "of the largest scale; 1 = smooth"),
     "fid": ("FID / patch-FID (Inception)", "lower is better"),
     "rfid": ("random-feature Fréchet distance", "lower is better"),
 }
-GOAL_PSNR_GAP_DB = 0.5
+GOAL_PSNR_GAP_DB = 0.3  # to the best model
 GOAL_CONSISTENCY_DB = 35.0
+GOAL_FLOOR_MARGIN_DB = 2.0  # above the thumbnail floor, at 512 and 2048
+GOAL_SCALES = (512, 2048)
+GOAL_MIN_PSNR_512_DB = 25.0
+GOAL_COLOUR = 3.0  # /255
+GOAL_RIM_DB = 1.5
+GOAL_BLOCKINESS = 1.5
+ZOOM = 4  # the zoom of the largest scale at which blockiness is also measured
+ZOOM_WINDOW = 512  # side of the centred window rendered at that zoom
 
 
 # ---------------------------------------------------------------- shared
@@ -161,6 +174,7 @@ class Line:
     x: list[float]
     y: list[float]
     err: list[float] = field(default_factory=list)
+    floor: bool = False  # a model-free reference: drawn dashed, without markers
 
 
 def plot_scales(path: Path, panels: list[tuple[str, str, list[Line]]], scales: list[int], title: str) -> None:
@@ -171,10 +185,16 @@ def plot_scales(path: Path, panels: list[tuple[str, str, list[Line]]], scales: l
     import matplotlib.pyplot as plt
 
     panels = [panel for panel in panels if any(line.x for line in panel[2])]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.0), squeeze=False)
-    for ax, (name, ylabel, lines) in zip(axes[0], panels):
+    cols = max(1, min(len(panels), 4))
+    grid_rows = max(1, math.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(4.6 * cols, 4.0 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, ylabel, lines) in zip(axes.flat, panels):
         for line in lines:
-            if line.x:
+            if line.x and line.floor:
+                ax.plot(line.x, line.y, linestyle="--", color="0.45" if line.label == "thumbnail" else "0.7", label=f"{line.label} (floor)")
+            elif line.x:
                 err = [e if e is not None else 0 for e in line.err] if line.err else None
                 ax.errorbar(line.x, line.y, yerr=err, marker="o", capsize=3, label=line.label)
         ax.set_xscale("log", base=2)
@@ -240,6 +260,36 @@ class EvalModel:
         }
 
 
+@dataclass
+class Floor:
+    """A model-free reference row: the image squashed to `grid` pixels, bicubic up to any size.
+
+    `thumbnail` holds as many numbers as a model's latent (what storing a thumbnail instead
+    of z would give); `input` is the encoder's own input (what a decoder that adds nothing
+    to it recovers). Rendering a box reads the same bicubic field at that box's pixels.
+    """
+
+    label: str
+    grid: Size
+    meaning: str
+
+    renderer_name = "floor"
+
+    def describe(self) -> dict:
+        return {"label": self.label, "renderer": "floor", "grid": list(self.grid), "meaning": self.meaning}
+
+
+def floors_for(model: torch.nn.Module) -> list[Floor]:
+    """The two floors of an autoencoder: its latent's worth of thumbnail, and its encoder input."""
+    c, h, w = model.latent_shape
+    side = max(1, round(math.sqrt(c * h * w / 3)))
+    s = model.config.input_size
+    return [
+        Floor("thumbnail", (side, side), f"the image squashed to {side}x{side} RGB ({3 * side * side} numbers; the latent has {c * h * w}), bicubic up"),
+        Floor("input", (s, s), f"the encoder's input ({s}x{s}), bicubic up"),
+    ]
+
+
 def default_label(renderer: str) -> str:
     return "fixed+bicubic" if renderer == "fixed" else renderer
 
@@ -296,20 +346,60 @@ def comparison_strip(crops: list[tuple[str, torch.Tensor]]) -> np.ndarray:
     return np.asarray(canvas)
 
 
+RenderFn = Callable[[Size, Box], torch.Tensor]  # (size, box) -> (3, H, W) in [0, 1]
+
+
+def reconstruction(entry: EvalModel | Floor, image: torch.Tensor, tile: int | None, dtype: torch.dtype | None) -> RenderFn:
+    """What `entry` makes of image (3, H, W): a function rendering any box at any size."""
+    if isinstance(entry, Floor):
+        thumb = resize(image[None].double(), entry.grid)  # float64: a flat image stays exactly flat
+
+        def render_floor(size: Size, box: Box) -> torch.Tensor:
+            ys, xs = geometry.window_centers(box, size)
+            cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64)
+            return FixedResolutionRenderer.resample(thumb, ys, xs, cell)[0].clamp(0, 1).float()
+
+        return render_floor
+    z = rendering.encode(entry.model, image[None])
+
+    def render_model(size: Size, box: Box) -> torch.Tensor:
+        return rendering.render(entry.model, z, size, box=box, tile=tile, dtype=dtype, renderer=entry.renderer)[0]
+
+    return render_model
+
+
+def zoom_box(size: Size, zoom: int = ZOOM, window: int = ZOOM_WINDOW) -> tuple[Box, Size]:
+    """The centred `window`² (at most) of the grid `zoom` times finer than `size`, as (box, its size)."""
+    h, w = size[0] * zoom, size[1] * zoom
+    wh, ww = min(window, h), min(window, w)
+    return Box(-wh / h, -ww / w, wh / h, ww / w), (wh, ww)
+
+
+def block_figure(render: torch.Tensor, box: Box, feature_grid: Size) -> float | None:
+    """Blockiness of render (3, H, W) of `box` with respect to the cells of a feature map of `feature_grid`
+    (None where it is undefined: pixels no smaller than the cells)."""
+    ys, xs = geometry.window_centers(box, tuple(render.shape[-2:]))
+    edges = geometry.cell_edges(ys, feature_grid[0]), geometry.cell_edges(xs, feature_grid[1])
+    value = float(metrics.blockiness(render[None], *edges)[0])
+    return value if math.isfinite(value) else None
+
+
 @torch.no_grad()
 def evaluate_image(
     image: torch.Tensor,
-    models: list[EvalModel],
+    models: list[EvalModel | Floor],
     scales: list[int],
     tile: int | None = rendering.DEFAULT_TILE,
     dtype: torch.dtype | None = None,
     lpips: metrics.LPIPSMetric | None = None,
     strip_crop: int = 256,
+    feature_grid: Size | None = None,
 ) -> tuple[list[dict], np.ndarray | None]:
-    """Evaluate every model on one image (3, H, W) at the scales it is large enough for.
+    """Evaluate every model (and floor) on one image (3, H, W) at the scales it is large enough for.
 
-    Returns one record per (model, scale) and the comparison strip at the largest scale
-    (None when no scale fits the image).
+    `feature_grid`: the cells blockiness is measured against (default: each model's own phi;
+    floors use the first model's). Returns one record per (entry, scale) and the comparison
+    strip at the largest scale (None when no scale fits the image).
     """
     native = tuple(image.shape[-2:])
     fitting = [s for s in scales if s <= max(native)]
@@ -319,22 +409,30 @@ def evaluate_image(
     largest = fitting[-1]
     top, left, side = detail_window(truths[largest], strip_crop)
     crops = [("ground truth", truths[largest][:, top : top + side, left : left + side])]
+    grids = [tuple(m.model.feature_shape[1:]) for m in models if isinstance(m, EvalModel)]
+    default_grid = feature_grid or (grids[0] if grids else (8, 8))
     records = []
     for entry in models:
-        z = rendering.encode(entry.model, image[None])
+        grid = feature_grid or (tuple(entry.model.feature_shape[1:]) if isinstance(entry, EvalModel) else default_grid)
+        render_fn = reconstruction(entry, image, tile, dtype)
         renders = {}
         for s in reversed(fitting):  # the largest first: the others are compared with it
             start = time.perf_counter()
-            render = rendering.render(entry.model, z, truths[s].shape[-2:], tile=tile, dtype=dtype, renderer=entry.renderer)[0]
+            render = render_fn(tuple(truths[s].shape[-2:]), Box.full())
             seconds = time.perf_counter() - start
             renders[s] = render
-            records.append(_image_record(entry, s, render, truths[s], renders[largest], lpips, seconds))
+            record = _image_record(entry, s, render, truths[s], renders[largest], lpips, seconds)
+            record["blockiness"] = block_figure(render, Box.full(), grid)
+            if s == largest:
+                box, size = zoom_box(tuple(render.shape[-2:]))
+                record["zoom_blockiness"] = block_figure(render_fn(size, box), box, grid)
+            records.append(record)
         crops.append((entry.label, renders[largest][:, top : top + side, left : left + side]))
     return records, comparison_strip(crops)
 
 
-def _image_record(entry: EvalModel, scale: int, render: torch.Tensor, truth: torch.Tensor, largest: torch.Tensor, lpips, seconds: float) -> dict:
-    device = next(entry.model.parameters()).device  # metrics run where the model does
+def _image_record(entry: EvalModel | Floor, scale: int, render: torch.Tensor, truth: torch.Tensor, largest: torch.Tensor, lpips, seconds: float) -> dict:
+    device = next(entry.model.parameters()).device if isinstance(entry, EvalModel) else torch.device("cpu")  # metrics run where the model does
     pred, target = render[None].to(device), truth[None].to(device)
     record = {
         "model": entry.label,
@@ -345,6 +443,10 @@ def _image_record(entry: EvalModel, scale: int, render: torch.Tensor, truth: tor
         "spectral_db": float(metrics.spectral_distance(pred, target)[0]),
         "lpips": float(lpips(pred, target)[0]) if lpips is not None else None,
         "consistency_db": None,
+        "colour": float(metrics.colour_error(pred, target)[0]),
+        "rim_db": float(metrics.rim_db(pred, target)[0]),
+        "blockiness": None,
+        "zoom_blockiness": None,
         "render_s": seconds,
     }
     if largest.shape != render.shape:
@@ -362,12 +464,16 @@ def evaluate_autoencoders(
     lpips: metrics.LPIPSMetric | None = None,
     strip_crop: int = 256,
     progress: bool = True,
+    floors: bool = True,
 ) -> dict:
     """Evaluate `models` on the images at `paths`: the result dict written by `write_ae_report`.
 
+    The floors of the first model (`floors_for`: its latent's worth of thumbnail and its
+    encoder input, each bicubic up) are evaluated beside them unless `floors` is False.
     Unreadable images and images smaller than every scale are skipped and listed.
     """
     start = time.perf_counter()
+    entries: list[EvalModel | Floor] = [*models, *(floors_for(models[0].model) if floors else [])]
     per_image, strips, skipped = [], {}, {}
     bar = tqdm(paths, desc="eval-ae", unit="image", disable=not progress)
     for path in bar:
@@ -377,7 +483,7 @@ def evaluate_autoencoders(
         except ImageError as error:
             skipped[path.name] = error.reason
             continue
-        records, strip = evaluate_image(image, models, scales, tile, dtype, lpips, strip_crop)
+        records, strip = evaluate_image(image, entries, scales, tile, dtype, lpips, strip_crop)
         if not records:
             skipped[path.name] = f"smaller than every scale ({image.shape[-1]}x{image.shape[-2]})"
             continue
@@ -387,7 +493,7 @@ def evaluate_autoencoders(
     if not per_image:
         raise InfdError(f"no image could be evaluated ({len(skipped)} skipped: {', '.join(f'{k}: {v}' for k, v in skipped.items())}).")
     device = next(models[0].model.parameters()).device
-    rows = summarize_records(per_image, models, scales)
+    rows = summarize_records(per_image, entries, scales)
     return {
         "benchmark": "eval-ae",
         "machine": machine_summary(device),
@@ -400,7 +506,7 @@ def evaluate_autoencoders(
             "lpips": lpips is not None,
             "strip_crop": strip_crop,
         },
-        "models": [m.describe() for m in models],
+        "models": [m.describe() for m in entries],
         "rows": rows,
         "goals": ae_goals(rows, models),
         "skipped": skipped,
@@ -410,7 +516,7 @@ def evaluate_autoencoders(
     }
 
 
-def summarize_records(records: list[dict], models: list[EvalModel], scales: list[int]) -> list[dict]:
+def summarize_records(records: list[dict], models: list[EvalModel | Floor], scales: list[int]) -> list[dict]:
     """Mean and 95% CI of every metric per (model, scale) over the images."""
     rows = []
     for entry in models:
@@ -427,28 +533,45 @@ def summarize_records(records: list[dict], models: list[EvalModel], scales: list
 
 
 def ae_goals(rows: list[dict], models: list[EvalModel]) -> list[dict]:
-    """The issue's goals for each CLIF model, against the other models on the same images.
+    """The goals for each CLIF model, against the floors and the other models on the same images.
 
-    At every scale above the CLIF model's input size: the best spectral distance (and
-    LPIPS when measured), PSNR within 0.5 dB of the best; and scale consistency >= 35 dB.
+    PSNR at 512 and 2048 at least the thumbnail floor + 2 dB (and 25 dB at 512); colour
+    error <= 3/255, rim <= 1.5 dB and blockiness <= 1.5 (at the largest scale and at a 4x
+    zoom of it) at every scale; at every scale above the input: detail (spectral distance)
+    better than every fixed-resolution model and PSNR within 0.3 dB of the best model;
+    scale consistency >= 35 dB.
     """
     goals = []
     by_key = {(r["model"], r["scale"]): r for r in rows}
     for entry in (m for m in models if m.renderer_name == "clif"):
-        mine = [r for r in rows if r["model"] == entry.label]
+        mine = sorted((r for r in rows if r["model"] == entry.label), key=lambda r: r["scale"])
+        if not mine:
+            continue
         for row in mine:
-            if row["scale"] <= entry.model.config.input_size:
+            scale = row["scale"]
+            floor = by_key.get(("thumbnail", scale))
+            if scale in GOAL_SCALES and floor is not None:
+                target = floor["psnr"] + GOAL_FLOOR_MARGIN_DB
+                goals.append(_goal(f"{entry.label} PSNR at {scale}: thumbnail floor + {GOAL_FLOOR_MARGIN_DB:g} dB", row["psnr"], f">= {target:.2f} dB", row["psnr"] >= target))
+            if scale == GOAL_SCALES[0]:
+                goals.append(_goal(f"{entry.label} PSNR at {scale}", row["psnr"], f">= {GOAL_MIN_PSNR_512_DB:g} dB", row["psnr"] >= GOAL_MIN_PSNR_512_DB))
+            if scale <= entry.model.config.input_size:
                 continue
-            others = [by_key[(m.label, row["scale"])] for m in models if m is not entry and (m.label, row["scale"]) in by_key]
-            if not others:
-                continue
-            for name in ("spectral_db", "lpips"):
-                best = min((o[name] for o in others if o[name] is not None), default=None)
-                if row[name] is not None and best is not None:
-                    goals.append(_goal(f"{entry.label} {METRIC_TITLES[name][0]} at {row['scale']}: the best", row[name], f"<= {best:.4g} (best other)", row[name] <= best))
-            best_psnr = max([row["psnr"], *(o["psnr"] for o in others)])
-            gap = best_psnr - row["psnr"]
-            goals.append(_goal(f"{entry.label} PSNR at {row['scale']}: gap to the best", gap, f"<= {GOAL_PSNR_GAP_DB} dB", gap <= GOAL_PSNR_GAP_DB))
+            others = [by_key[(m.label, scale)] for m in models if m is not entry and (m.label, scale) in by_key]
+            fixed = [by_key[(m.label, scale)] for m in models if m.renderer_name == "fixed" and (m.label, scale) in by_key]
+            for other in fixed:
+                goals.append(_goal(f"{entry.label} detail at {scale}: better than {other['model']}", row["spectral_db"], f"< {other['spectral_db']:.4g} dB", row["spectral_db"] < other["spectral_db"]))
+            if others:
+                gap = max([row["psnr"], *(o["psnr"] for o in others)]) - row["psnr"]
+                goals.append(_goal(f"{entry.label} PSNR at {scale}: gap to the best model", gap, f"<= {GOAL_PSNR_GAP_DB} dB", gap <= GOAL_PSNR_GAP_DB))
+        worst_colour = max(r["colour"] for r in mine)
+        goals.append(_goal(f"{entry.label} colour error (worst scale)", worst_colour, f"<= {GOAL_COLOUR:g}/255", worst_colour <= GOAL_COLOUR))
+        worst_rim = max(r["rim_db"] for r in mine)
+        goals.append(_goal(f"{entry.label} rim (worst scale)", worst_rim, f"<= {GOAL_RIM_DB:g} dB", worst_rim <= GOAL_RIM_DB))
+        top = mine[-1]
+        for name, what in (("blockiness", f"at {top['scale']}"), ("zoom_blockiness", f"at a {ZOOM}x zoom of {top['scale']}")):
+            if top.get(name) is not None:
+                goals.append(_goal(f"{entry.label} blockiness {what}", top[name], f"<= {GOAL_BLOCKINESS:g}", top[name] <= GOAL_BLOCKINESS))
         consistency = [r["consistency_db"] for r in mine if r["consistency_db"] is not None]
         if consistency:
             low = min(consistency)
@@ -464,17 +587,21 @@ def ae_markdown(result: dict, link_prefix: str = "") -> str:
     """The eval-ae table (mean ± 95% CI), goals, plot and strips as markdown; links start with `link_prefix`."""
     settings = result["settings"]
     lpips = settings.get("lpips")
-    headers = ["model", "scale", "n", "PSNR (dB)", "SSIM", *(["LPIPS"] if lpips else []), "spectral dist. (dB) ↓", "consistency (dB)", "render (s)"]
+    headers = ["model", "scale", "n", "PSNR (dB)", "SSIM", *(["LPIPS"] if lpips else []), "spectral dist. (dB) ↓", "consistency (dB)"]
+    headers += ["colour (/255) ↓", "rim (dB) ↓", "blockiness", f"blockiness {ZOOM}x zoom", "render (s)"]
     rows = []
     for r in result["rows"]:
         cells = [r["model"], str(r["scale"]), str(r["n"]), _with_ci(r["psnr"], r["psnr_ci"], 2), _with_ci(r["ssim"], r["ssim_ci"], 4)]
         cells += [_with_ci(r["lpips"], r["lpips_ci"], 4)] if lpips else []
-        cells += [_with_ci(r["spectral_db"], r["spectral_db_ci"], 2), _with_ci(r["consistency_db"], r["consistency_db_ci"], 2), _number(r["render_s"], 1)]
+        cells += [_with_ci(r["spectral_db"], r["spectral_db_ci"], 2), _with_ci(r["consistency_db"], r["consistency_db_ci"], 2)]
+        cells += [_with_ci(r.get(k), r.get(f"{k}_ci"), 2) for k in ("colour", "rim_db", "blockiness", "zoom_blockiness")]
+        cells.append(_number(r["render_s"], 1))
         rows.append(cells)
     images = settings["images"]
     text = (
         f"{len(images)} images ({', '.join(images)}), scales {', '.join(map(str, settings['scales']))} "
-        f"(long side, native aspect), {settings['dtype']}, {_machine_line(result['machine'])}.\n\n"
+        f"(long side, native aspect), {settings['dtype']}, {_machine_line(result['machine'])}. "
+        "Floors (no model): `thumbnail`, the image squashed to as many numbers as the latent, and `input`, the encoder's input, each bicubic up.\n\n"
     )
     text += markdown_table(headers, rows)
     if result.get("goals"):
@@ -504,7 +631,8 @@ def _metric_panels(rows: list[dict], names: tuple[str, ...], series_key: str) ->
         lines = []
         for label in dict.fromkeys(r[series_key] for r in rows):
             points = [r for r in rows if r[series_key] == label and r.get(name) is not None and math.isfinite(r[name])]
-            lines.append(Line(label, [r["scale"] for r in points], [r[name] for r in points], [r.get(f"{name}_ci") for r in points]))
+            floor = any(r.get("renderer") == "floor" for r in points)
+            lines.append(Line(label, [r["scale"] for r in points], [r[name] for r in points], [r.get(f"{name}_ci") for r in points], floor))
         panels.append((METRIC_TITLES[name][0], METRIC_TITLES[name][1], lines))
     return panels
 

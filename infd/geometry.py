@@ -194,6 +194,27 @@ def feature_lookup(centers: torch.Tensor, n_features: int) -> tuple[torch.Tensor
     return index.long(), position - (index + 0.5)
 
 
+def feature_interpolation(centers: torch.Tensor, n_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear interpolation between the two feature centers around each query center.
+
+    Returns (lower index: long, upper index: long, weight of the upper: float64); the
+    value at a query is (1 - weight) * f[lower] + weight * f[upper]. Beyond the outer
+    feature centers the border feature is used (weight 0), as in bilinear sampling
+    with border padding. The weights are a continuous function of the position, so a
+    field read this way has no steps where feature cells meet.
+    """
+    position = ((centers.double() + 1) * n_features / 2 - 0.5).clamp(0, n_features - 1)
+    lower = position.floor()
+    upper = (lower + 1).clamp(max=n_features - 1)
+    return lower.long(), upper.long(), position - lower
+
+
+def cell_edges(centers: torch.Tensor, n_features: int) -> torch.Tensor:
+    """(N - 1,) bool: whether query centers i and i + 1 (N,) fall in different cells of an n-feature axis."""
+    index, _ = feature_lookup(centers, n_features)
+    return index[1:] != index[:-1]
+
+
 def cell_in_feature_units(cell: torch.Tensor, n_features: int) -> torch.Tensor:
     """Pixel size measured in feature cells (1 = one feature per pixel)."""
     return cell * n_features / 2

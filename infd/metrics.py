@@ -2,6 +2,9 @@
 
 Images are float tensors (B, 3, H, W) in [0, 1]; per-image metrics return float64 (B,).
 
+- `colour_error` (channel means, /255), `rim_db` (interior minus border PSNR) and
+  `blockiness` (steps across feature-cell edges over steps elsewhere): the artefacts an
+  autoencoder shows that PSNR hides.
 - `psnr`, `ssim` (Gaussian window 11, sigma 1.5, per RGB channel, "valid" filtering as in
   Wang et al. 2004), `LPIPSMetric` (VGG16 from a local file, tile by tile).
 - `spectral_distance`: a weight-free *detail* metric. The radially averaged power
@@ -28,12 +31,14 @@ from torch import nn
 
 from infd import geometry
 from infd.errors import InfdError, first_line
+from infd.geometry import Size
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K = (0.01, 0.03)
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601, what "grayscale" means for the spectrum
 LPIPS_TILE = 512
+RIM_FRACTION = 0.03  # the outer band the rim figure compares with the interior
 
 _MISSING_INCEPTION = (
     "FID needs InceptionV3 weights: pass --inception PATH to torch-fidelity's "
@@ -150,6 +155,63 @@ def spectral_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean |difference| of the radially averaged log power spectra in dB: (B,) float64, 0 when identical."""
     pred, target = check_pair(pred, target)
     return (spectrum_db(radial_power_spectrum(pred)) - spectrum_db(radial_power_spectrum(target))).abs().mean(1)
+
+
+def colour_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over RGB of |mean of the channel in pred - in target|, in 8-bit levels (/255): (B,) float64.
+
+    A render can score a fair PSNR while shifting the whole image's colour; this says how far.
+    """
+    pred, target = check_pair(pred, target)
+    return (pred.double().mean((2, 3)) - target.double().mean((2, 3))).abs().mean(1).cpu() * 255
+
+
+def border_band(size: Size, fraction: float = RIM_FRACTION) -> torch.Tensor:
+    """Mask (H, W) of the outer band of an image: `fraction` of the height at top and bottom, of the width left and right (at least 1 px)."""
+    h, w = size
+    by, bx = max(1, math.ceil(fraction * h)), max(1, math.ceil(fraction * w))
+    mask = torch.ones(h, w, dtype=torch.bool)
+    mask[by : h - by, bx : w - bx] = False
+    return mask
+
+
+def rim_db(pred: torch.Tensor, target: torch.Tensor, fraction: float = RIM_FRACTION) -> torch.Tensor:
+    """PSNR of the interior minus PSNR of the outer band (`border_band`): (B,) float64, in dB.
+
+    About 0 for a render that is as good at the border as inside; large when the image has
+    a rim (a coloured frame, padding artefacts). Images need at least 3 px a side.
+    """
+    pred, target = check_pair(pred, target)
+    if min(pred.shape[-2:]) < 3:
+        raise InfdError(f"the rim figure needs images of at least 3 pixels a side, got {tuple(pred.shape[-2:])}.")
+    band = border_band(tuple(pred.shape[-2:]), fraction).to(pred.device)
+    error = (pred.double() - target.double()).pow(2).mean(1)  # (B, H, W)
+    band_mse, inner_mse = error[:, band].mean(1), error[:, ~band].mean(1)
+    return (10 * torch.log10(band_mse / inner_mse)).nan_to_num(0.0, posinf=math.inf, neginf=-math.inf).cpu()
+
+
+def blockiness(image: torch.Tensor, edge_rows: torch.Tensor, edge_cols: torch.Tensor) -> torch.Tensor:
+    """Mean luminance step between neighbours across feature-cell edges over the mean step elsewhere: (B,) float64.
+
+    edge_rows (H - 1,) / edge_cols (W - 1,) bool: whether pixel rows i and i + 1 (columns
+    j and j + 1) lie in different cells of the feature map (`geometry.cell_edges`). A
+    smooth image scores about 1; a mosaic of cells (nearest-neighbour upsampling) scores
+    far more. A flat image scores 1. NaN where there are no pairs of one kind (pixels as
+    large as the cells, or a region inside one cell).
+    """
+    image = check_images(image)
+    if edge_rows.shape != (image.shape[-2] - 1,) or edge_cols.shape != (image.shape[-1] - 1,):
+        raise InfdError(f"cell-edge masks of shapes {tuple(edge_rows.shape)}, {tuple(edge_cols.shape)} do not fit an image of {tuple(image.shape[-2:])}.")
+    weights = torch.tensor(LUMA, dtype=torch.float64, device=image.device).view(1, 3, 1, 1)
+    gray = (image.double() * weights).sum(1)
+    dy, dx = (gray[:, 1:] - gray[:, :-1]).abs(), (gray[:, :, 1:] - gray[:, :, :-1]).abs()
+    rows, cols = edge_rows.to(image.device), edge_cols.to(image.device)
+    on = torch.cat([dy[:, rows].flatten(1), dx[:, :, cols].flatten(1)], 1)
+    off = torch.cat([dy[:, ~rows].flatten(1), dx[:, :, ~cols].flatten(1)], 1)
+    if on.shape[1] == 0 or off.shape[1] == 0:  # pixels at least as large as cells, or a single cell
+        return torch.full((image.shape[0],), math.nan, dtype=torch.float64)
+    eps = 1e-12
+    return ((on.mean(1) + eps) / (off.mean(1) + eps)).cpu()
 
 
 class LPIPSMetric:

@@ -60,6 +60,7 @@ class AETrainConfig:
     grad_clip: float = 1.0
     l1_weight: float = 1.0
     fixed_head_weight: float = 1.0  # L1 of the fixed-resolution head (model option fixed_head), if any
+    base_weight: float = 0.0  # L1 of a residual renderer's base image (at phi's grid) against the encoder input
     perceptual: str = "auto"  # auto | lpips | ffl | none
     lpips_vgg: str | None = None
     perceptual_weight: float = 1.0
@@ -257,6 +258,12 @@ class AutoencoderTrainer(StepTrainer):
                 fixed_l1 = losses.l1_loss(out["pred_fixed"], target)
                 rec = rec + cfg.fixed_head_weight * fixed_l1
                 logs["l1_fixed"] = float(fixed_l1.detach())
+            if "base" in out and cfg.base_weight > 0:
+                # The whole image at phi's resolution is the encoder input itself: a dense
+                # target for the entire decoder every step, where the crop sees a window.
+                base_l1 = losses.l1_loss(out["base"], batch["inp"])
+                rec = rec + cfg.base_weight * base_l1
+                logs["l1_base"] = float(base_l1.detach())
             if self.perceptual is not None:
                 perceptual = self.perceptual(pred.float(), target.float())
                 rec = rec + cfg.perceptual_weight * perceptual
@@ -339,6 +346,7 @@ class AutoencoderTrainer(StepTrainer):
         state: dict[str, Any] = {
             "step": self.step,
             "failed_images": self.failed_images,
+            "elapsed_s": self.train_seconds(),
             "opt_g": self.opt_g.state_dict(),
             **rng_states(),
         }
@@ -371,6 +379,7 @@ class AutoencoderTrainer(StepTrainer):
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
+        self.seconds_before = float(state.get("elapsed_s", 0.0))
         restore_rng_states(state)
         self.resumed_scaler = state.get("scaler")
 

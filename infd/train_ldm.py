@@ -389,6 +389,7 @@ class LDMTrainer(StepTrainer):
         state: dict[str, Any] = {
             "step": self.step,
             "failed_images": self.failed_images,
+            "elapsed_s": self.train_seconds(),
             "scaling_factor": self.scaling_factor,
             "autoencoder_fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
@@ -418,6 +419,7 @@ class LDMTrainer(StepTrainer):
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
+        self.seconds_before = float(state.get("elapsed_s", 0.0))
         self.scaling_factor = float(state["scaling_factor"])
         restore_rng_states(state)
         return state.get("scaler")

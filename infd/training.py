@@ -60,6 +60,13 @@ class StepTrainer:
     name = "train"  # progress-bar label
     rate_name = "images_per_s"
     host_keys: tuple[str, ...] = ()  # batch entries that stay on the CPU (not moved to the device)
+    seconds_before = 0.0  # training time of the earlier sessions of a resumed run (from its checkpoint)
+    _session_start: float | None = None
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds of training so far, over every session of the run (for learning curves)."""
+        now = time.perf_counter()
+        return self.seconds_before + (now - self._session_start if self._session_start is not None else 0.0)
 
     def training_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -76,6 +83,7 @@ class StepTrainer:
         batches = self.batches()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not (self.progress and accelerator.is_main_process))
         started, first_step = time.perf_counter(), self.step
+        self._session_start = started
         deadline = started + cfg.time_limit * 60 if cfg.time_limit > 0 else math.inf
         while self.step < cfg.steps:
             batch = next(batches)
@@ -86,7 +94,7 @@ class StepTrainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 rate = (self.step - first_step) * cfg.batch_size * accelerator.num_processes / (time.perf_counter() - started)
-                logs.update({"step": self.step, self.rate_name: rate, "skipped": self.failed_images})
+                logs.update({"step": self.step, self.rate_name: rate, "skipped": self.failed_images, "elapsed_s": self.train_seconds()})
                 bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k != "step"})
                 self.log(logs)
             out_of_time = self.past(deadline)

@@ -85,7 +85,8 @@ def test_eval_ae_compares_models_on_the_same_ground_truth(make_tiny_model, image
     result = evaluation.evaluate_autoencoders(paths, models, [32, 64], tile=24, lpips=l1_per_image, strip_crop=24, progress=False)
 
     counts = {(r["model"], r["scale"]): r["n"] for r in result["rows"]}
-    assert counts == {(m.label, 32): 6 for m in models} | {(m.label, 64): 5 for m in models}  # the 50x50 image has no 64 ground truth
+    labels = [m.label for m in models] + ["thumbnail", "input"]  # the floors are always evaluated beside the models
+    assert counts == {(label, 32): 6 for label in labels} | {(label, 64): 5 for label in labels}  # the 50x50 image has no 64 ground truth
     assert set(result["settings"]["images"]) == {p.name for p in paths}
 
     # Recompute one record by hand: the native image resized to long side 64, the render at that size.
@@ -102,6 +103,15 @@ def test_eval_ae_compares_models_on_the_same_ground_truth(make_tiny_model, image
     direct32 = rendering.render(models[1].model, z, (13, 32))
     assert small["consistency_db"] == pytest.approx(metrics.psnr(resize(render64, (13, 32)), direct32).item(), abs=1e-6)
     assert record["consistency_db"] is None  # the largest scale is the reference
+    assert record["colour"] == pytest.approx(metrics.colour_error(render64, truth).item(), abs=1e-9)
+    assert record["rim_db"] == pytest.approx(metrics.rim_db(render64, truth).item(), abs=1e-9)
+    assert record["zoom_blockiness"] is not None and small["zoom_blockiness"] is None  # the zoom: of the largest scale only
+
+    # The thumbnail floor: the image squashed to the latent's numbers (3x4x4 -> 4x4 RGB), bicubic up.
+    floor = next(r for r in result["per_image"] if r["image"] == "img3.png" and r["model"] == "thumbnail" and r["scale"] == 64)
+    side = round((np.prod(models[1].model.latent_shape) / 3) ** 0.5)
+    up = torch.nn.functional.interpolate(resize(image[None], (side, side)), size=(26, 64), mode="bicubic", align_corners=False)
+    assert floor["psnr"] == pytest.approx(metrics.psnr(up.clamp(0, 1), truth).item(), abs=1e-4)  # grid_sample vs interpolate rounding
 
     assert {g["goal"].split(" ")[0] for g in result["goals"]} == {"clif"}
     assert any("consistency" in g["goal"] for g in result["goals"])
@@ -112,7 +122,7 @@ def test_eval_ae_compares_models_on_the_same_ground_truth(make_tiny_model, image
     assert "| liif | 64 | 5 |" in written["markdown"].read_text()
     assert Image.open(written["plot"]).size[0] > 400
     strip = Image.open(tmp_path / "out" / saved["strips"][0])
-    assert strip.size == (4 * 24 + 3 * 4, 24 + 16)  # ground truth + three models, 24 px crops
+    assert strip.size == (6 * 24 + 5 * 4, 24 + 16)  # ground truth + three models + two floors, 24 px crops
 
 
 def test_eval_ae_command(ckpt, tmp_path):
@@ -125,10 +135,10 @@ def test_eval_ae_command(ckpt, tmp_path):
     result = invoke("eval-ae", "--data", data, "--model", f"mine={ckpt}", "--model", f"base={ckpt}:fixed", "--scales", "32,48", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "eval-ae.json").read_text())
-    assert [m["label"] for m in saved["models"]] == ["mine", "base"]
+    assert [m["label"] for m in saved["models"]] == ["mine", "base", "thumbnail", "input"]  # then the two floors
     assert saved["models"][1]["renderer"] == "fixed"
     assert saved["skipped"] == {"broken.png": "unreadable"}
-    assert {(r["model"], r["scale"], r["n"]) for r in saved["rows"]} == {("mine", 32, 2), ("mine", 48, 2), ("base", 32, 2), ("base", 48, 2)}
+    assert {(r["model"], r["scale"], r["n"]) for r in saved["rows"]} == {(m, s, 2) for m in ("mine", "base", "thumbnail", "input") for s in (32, 48)}
     assert (out / "eval-ae.md").is_file() and len(list((out / "strips").glob("*.png"))) == 2
     assert not list(out.rglob(".*tmp*"))  # nothing half-written left behind
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from infd import metrics
+from infd import evaluation, geometry, metrics
 from infd.errors import InfdError
 from infd.images import resize
 
@@ -133,3 +133,50 @@ def test_missing_weights_say_what_to_pass(tmp_path):
         metrics.InceptionFeatures(tmp_path / "junk.pth")
     with pytest.raises(InfdError, match="--lpips-vgg"):
         metrics.LPIPSMetric(None)
+
+
+# ---------------------------------------------------------------- autoencoder artefacts
+
+
+def test_colour_error_is_the_channel_mean_shift_in_8_bit_levels():
+    image = torch.rand(2, 3, 20, 30) * 0.8
+    assert metrics.colour_error(image, image).tolist() == [0.0, 0.0]
+    shifted = image.clone()
+    shifted[:, 0] += 12 / 255  # red up by 12 levels, the others unchanged: mean over RGB = 4
+    assert metrics.colour_error(shifted, image).tolist() == pytest.approx([4.0, 4.0], abs=1e-4)
+
+
+def test_rim_compares_the_border_band_with_the_interior():
+    truth = torch.rand(1, 3, 100, 100)
+    noise = 0.02 * torch.randn(1, 3, 100, 100, generator=torch.Generator().manual_seed(0))
+    assert abs(metrics.rim_db(truth + noise, truth).item()) < 0.5  # the same error everywhere: no rim
+    band = metrics.border_band((100, 100))
+    assert band[:3].all() and band[:, -3:].all() and not band[3:-3, 3:-3].any()  # 3% of 100 px
+    rimmed = truth + noise
+    rimmed[..., band] += 0.2  # a coloured frame
+    assert metrics.rim_db(rimmed, truth).item() > 10
+
+
+def test_blockiness_is_about_one_when_smooth_and_large_for_a_mosaic():
+    n, size = 8, 64  # 8 features across, 8 px per cell
+    ys = geometry.axis_centers(-1.0, 1.0, size, 0, size)
+    edges = geometry.cell_edges(ys, n)
+    assert int(edges.sum()) == n - 1
+    ramp = torch.linspace(0, 1, size)
+    gradient = torch.stack([ramp[None, :].expand(size, size), ramp[:, None].expand(size, size), 0.5 * torch.ones(size, size)])[None]
+    assert metrics.blockiness(gradient, edges, edges).item() == pytest.approx(1.0, abs=0.05)
+    cells = torch.rand(1, 3, n, n, generator=torch.Generator().manual_seed(1))
+    mosaic = torch.nn.functional.interpolate(cells, size=(size, size), mode="nearest")
+    assert metrics.blockiness(mosaic, edges, edges).item() > 1000  # all the change sits on the cell edges
+    assert metrics.blockiness(torch.full((1, 3, size, size), 0.3), edges, edges).item() == pytest.approx(1.0)  # flat
+
+
+def test_floors_of_a_constant_image_are_exact():
+    image = torch.full((3, 40, 60), 0.25)
+    floors = [evaluation.Floor("thumbnail", (4, 4), ""), evaluation.Floor("input", (16, 16), "")]
+    records, _ = evaluation.evaluate_image(image, floors, [32, 60], strip_crop=16, feature_grid=(8, 8))
+    assert {(r["model"], r["scale"]) for r in records} == {(f.label, s) for f in floors for s in (32, 60)}
+    for record in records:
+        assert record["colour"] == pytest.approx(0.0, abs=1e-5) and record["psnr"] > 120
+        if record["scale"] == 60:  # the native size: the ground truth is the image itself, and the floors are exact
+            assert record["psnr"] == math.inf

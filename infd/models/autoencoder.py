@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError
 from infd.models.renderers import (
+    LOOKUPS,
     RENDERERS,
     FixedResolutionRenderer,
     Renderer,
@@ -39,6 +41,16 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     head's bicubic upsampling instead (`ResidualCLIFRenderer`; the head is then also the
     "fixed" renderer). `scaling_factor` and `shift_factor` map z to the latents an LDM
     denoises: (z - shift_factor) * scaling_factor, as in diffusers' AutoencoderKL.
+
+    `latent_anchor=True` (with `residual_renderer`) anchors the whole model to a thumbnail:
+    z's first 3 channels are the encoder input's area average on the latent grid plus a
+    learned, zero-initialised residual, and the decoder hands the renderer that thumbnail
+    upsampled beside its features, which the RGB head corrects. At initialisation the model
+    *is* "a thumbnail with as many numbers as the latent, bicubic up", the floor every
+    model must beat; training only adds to it, and the latents stay image-like.
+    `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
+    feature-cell edges) and `detail_fade_cell` fades a residual renderer's detail for
+    pixels finer than the trained scales (both in infd.models.renderers).
     """
 
     config_name = "config.json"
@@ -62,6 +74,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         fixed_head: bool = False,
         shift_factor: float = 0.0,
         residual_renderer: bool = False,
+        latent_anchor: bool = False,
+        renderer_lookup: str = "nearest",
+        detail_fade_cell: float = 0.0,
     ):
         super().__init__()
         if latent_type not in LATENT_TYPES:
@@ -88,11 +103,23 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
         if residual_renderer and (renderer_type != "clif" or fixed_head):
             raise InfdError("residual_renderer needs renderer_type 'clif' and no fixed_head (its RGB head already is the fixed renderer).")
+        if latent_anchor and not (residual_renderer and latent_channels >= in_channels):
+            raise InfdError(f"latent_anchor needs residual_renderer: true and latent_channels >= {in_channels} (the thumbnail's channels).")
+        if renderer_lookup not in LOOKUPS:
+            raise InfdError(f"unknown renderer_lookup '{renderer_lookup}'; choose one of {', '.join(LOOKUPS)}.")
+        if not detail_fade_cell >= 0:
+            raise InfdError(f"detail_fade_cell {detail_fade_cell} must be >= 0 (0: no fade).")
+        features = block_out_channels[0] + (in_channels if latent_anchor else 0)  # anchored: + the upsampled thumbnail
         if residual_renderer:
-            self.renderer = ResidualCLIFRenderer(block_out_channels[0], renderer_hidden, renderer_blocks)
+            self.renderer = ResidualCLIFRenderer(features, renderer_hidden, renderer_blocks, renderer_lookup, detail_fade_cell, skip_rgb=latent_anchor)
         else:
-            self.renderer = make_renderer(renderer_type, block_out_channels[0], renderer_hidden, renderer_blocks)
-        self.fixed_renderer = FixedResolutionRenderer(block_out_channels[0]) if fixed_head else None
+            self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup)
+        self.fixed_renderer = FixedResolutionRenderer(features) if fixed_head else None
+        if latent_anchor:  # start as the thumbnail: zero residual on z, a small posterior variance
+            nn.init.zeros_(self.quant_conv.weight)
+            nn.init.zeros_(self.quant_conv.bias)
+            if latent_type == "kl":
+                nn.init.constant_(self.quant_conv.bias[latent_channels:], -10.0)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -101,7 +128,18 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
-        return (self.config.block_out_channels[0], self.config.input_size, self.config.input_size)
+        """Shape of phi, the decoder's feature map (with an anchored model's thumbnail channels)."""
+        channels = self.config.block_out_channels[0] + (self.config.in_channels if self.config.latent_anchor else 0)
+        return (channels, self.config.input_size, self.config.input_size)
+
+    def thumbnail(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, S, S) -> its area average on the latent grid, (B, 3, h, w): an anchored z's base."""
+        return F.adaptive_avg_pool2d(x, self.latent_shape[1:])
+
+    def anchor_features(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, C, h, w) -> its thumbnail channels bicubically upsampled to phi's grid, (B, 3, S, S)."""
+        s = self.config.input_size
+        return F.interpolate(z[:, : self.config.in_channels], size=(s, s), mode="bicubic", align_corners=False)
 
     def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, 3, S, S) in [-1, 1] -> (mean, logvar) of z, each (B, C, h, w); logvar is None for VQ."""
@@ -109,6 +147,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         if x.shape[-2:] != (s, s):
             raise InfdError(f"encoder input must be {s}x{s}, got {tuple(x.shape[-2:])}; resize with infd.rendering.encode.")
         moments = self.quant_conv(self.encoder(x))
+        if self.config.latent_anchor:
+            thumb = self.thumbnail(x)
+            moments = torch.cat([moments[:, :3] + thumb.to(moments.dtype), moments[:, 3:]], dim=1)
         if self.quantizer is not None:
             return moments, None
         mean, logvar = moments.chunk(2, dim=1)
@@ -132,7 +173,13 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     def decode_features(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, C, h, w) -> phi: (B, F, S, S), the feature map the renderer reads."""
         z, _ = self.quantize(z)
-        return self.decoder(self.post_quant_conv(z))
+        return self.features_of(z)
+
+    def features_of(self, z_q: torch.Tensor) -> torch.Tensor:
+        phi = self.decoder(self.post_quant_conv(z_q))
+        if self.config.latent_anchor:
+            phi = torch.cat([phi, self.anchor_features(z_q).to(phi.dtype)], dim=1)
+        return phi
 
     def get_renderer(self, name: str | None = None) -> Renderer:
         """The renderer called `name` ("clif", "liif", "fixed"); None: the model's own."""
@@ -167,16 +214,20 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
 
         Returns pred (B, 3, h, w), mean/logvar of z, and the VQ codebook loss; with a fixed
         head also pred_fixed (B, 3, h, w), its render of the same window (its halo is 0,
-        so it reads the centers without the main renderer's halo).
+        so it reads the centers without the main renderer's halo); with a residual renderer
+        also base (B, 3, S, S), its smooth base image at phi's resolution.
         """
         mean, logvar = self.encode_moments(x)
         z = mean
         if sample and logvar is not None:
             z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
         z_q, vq_loss = self.quantize(z)
-        phi = self.decoder(self.post_quant_conv(z_q))
-        pred = self.renderer(self.renderer.prepare(phi), ys, xs, cell)
+        phi = self.features_of(z_q)
+        state = self.renderer.prepare(phi)
+        pred = self.renderer(state, ys, xs, cell)
         out = {"pred": pred, "mean": mean, "logvar": logvar, "vq_loss": vq_loss}
+        if isinstance(self.renderer, ResidualCLIFRenderer):
+            out["base"] = state[:, -3:]  # the smooth base's RGB at phi's grid: the whole image at S²
         if self.fixed_renderer is not None:
             halo = self.renderer.halo
             ys0, xs0 = ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo]

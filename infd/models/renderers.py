@@ -16,6 +16,8 @@ same pixels of a whole-image render: rendering is seam-free by construction.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,31 +28,85 @@ from infd.errors import InfdError
 RENDERERS = ("clif", "liif", "fixed")
 
 
-def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-    """The CLIF/LIIF input: nearest feature, offset and pixel size, laid out in query order.
+LOOKUPS = ("nearest", "bilinear")
 
-    phi: (B, C, h, w); ys: (B, H) and xs: (B, W) query centers; cell: (B, 2).
-    Returns (B, C + 4, H, W) in channels_last memory: C feature channels, then the offset
-    (y, x) from the nearest feature's center and the cell (y, x), both in feature cells so
-    the numbers mean the same at every resolution of phi. The grid is separable, so the
-    lookup is two 1-D index_selects per image instead of a 2-D grid_sample, written
-    straight into the channels_last buffer the convs want.
+
+def layout_channels(feature_channels: int, lookup: str = "nearest") -> int:
+    """Channels of `query_layout`'s output for `feature_channels` features."""
+    return feature_channels + (4 if lookup == "nearest" else 6)
+
+
+def gather_layout(phi: torch.Tensor, iy: torch.Tensor, oy: torch.Tensor, ix: torch.Tensor, ox: torch.Tensor, cell_f: torch.Tensor) -> torch.Tensor:
+    """The features at rows iy (B, H) and columns ix (B, W) of phi (B, C, h, w), then offset and cell.
+
+    oy (B, H), ox (B, W): the query's offset from each feature's center, cell_f (B, 2) the
+    query pixel size, both in feature cells. Returns (B, C + 4, H, W) in channels_last.
     """
-    b, c, h, w = phi.shape
-    iy, oy = geometry.feature_lookup(ys, h)
-    ix, ox = geometry.feature_lookup(xs, w)
-    hq, wq = iy.shape[1], ix.shape[1]
-    iy, ix = iy.to(phi.device), ix.to(phi.device)
-    layout = phi.new_empty(b, hq, wq, c + 4)
+    b, c = phi.shape[:2]
+    layout = phi.new_empty(b, iy.shape[1], ix.shape[1], c + 4)
     phi_hwc = phi.permute(0, 2, 3, 1)
     for i in range(b):
         layout[i, :, :, :c] = phi_hwc[i].index_select(0, iy[i]).index_select(1, ix[i])
-    feature_size = torch.tensor([h, w], dtype=torch.float64)
-    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), feature_size)
-    layout[..., c] = oy.to(phi.device, phi.dtype)[:, :, None]
-    layout[..., c + 1] = ox.to(phi.device, phi.dtype)[:, None, :]
-    layout[..., c + 2 :] = cell_f.to(phi.device, phi.dtype)[:, None, None, :]
+    layout[..., c] = oy.to(phi.dtype)[:, :, None]
+    layout[..., c + 1] = ox.to(phi.dtype)[:, None, :]
+    layout[..., c + 2 :] = cell_f.to(phi.dtype)[:, None, None, :]
     return layout.permute(0, 3, 1, 2)
+
+
+def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, lookup: str = "nearest") -> torch.Tensor:
+    """The CLIF/LIIF input: a feature, the position within its cell and the pixel size, in query order.
+
+    phi: (B, C, h, w); ys: (B, H) and xs: (B, W) query centers; cell: (B, 2).
+    Returns (B, layout_channels(C, lookup), H, W) in channels_last memory.
+
+    lookup "nearest" (the paper's CLIF and LIIF): the nearest feature, then the offset
+    (y, x) from its center and the cell (y, x), in feature cells so the numbers mean the
+    same at every resolution of phi. The offset jumps from +0.5 to -0.5 where cells meet.
+    lookup "bilinear": the features interpolated between the 4 nearest centers, then
+    sin and cos of 2 pi offset (y, x), then the cell: every input channel is continuous
+    in the query position, so the render has no steps at cell edges by construction.
+
+    The grid is separable, so the lookup is 1-D index_selects per image instead of a 2-D
+    grid_sample, written straight into the channels_last buffer the convs want.
+    """
+    if lookup not in LOOKUPS:
+        raise InfdError(f"unknown feature lookup '{lookup}'; choose one of {', '.join(LOOKUPS)}.")
+    b, c, h, w = phi.shape
+    iy, oy = (t.to(phi.device) for t in geometry.feature_lookup(ys, h))
+    ix, ox = (t.to(phi.device) for t in geometry.feature_lookup(xs, w))
+    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor([h, w], dtype=torch.float64)).to(phi.device)
+    if lookup == "nearest":
+        return gather_layout(phi, iy, oy, ix, ox, cell_f)
+    layout = phi.new_empty(b, iy.shape[1], ix.shape[1], layout_channels(c, lookup))
+    phi_hwc = phi.permute(0, 2, 3, 1)
+    y0, y1, wy = (t.to(phi.device) for t in geometry.feature_interpolation(ys, h))
+    x0, x1, wx = (t.to(phi.device) for t in geometry.feature_interpolation(xs, w))
+    wy, wx = wy.to(phi.dtype), wx.to(phi.dtype)
+    for i in range(b):
+        rows = torch.lerp(phi_hwc[i].index_select(0, y0[i]), phi_hwc[i].index_select(0, y1[i]), wy[i][:, None, None])
+        layout[i, :, :, :c] = torch.lerp(rows.index_select(1, x0[i]), rows.index_select(1, x1[i]), wx[i][None, :, None])
+    angles = [2 * math.pi * oy[:, :, None], 2 * math.pi * ox[:, None, :]]
+    for k, values in enumerate(f(a) for a in angles for f in (torch.sin, torch.cos)):
+        layout[..., c + k] = values.to(phi.dtype)
+    layout[..., -2:] = cell_f.to(phi.dtype)[:, None, None, :]
+    return layout.permute(0, 3, 1, 2)
+
+
+def detail_weight(cell: torch.Tensor, feature_size: tuple[int, int], fade_cell: float, octaves: float = 2.0) -> torch.Tensor:
+    """How much of a residual renderer's detail to keep for query pixels of size `cell` (B, 2).
+
+    1 for pixels at least `fade_cell` feature cells wide (the finest scale trained on),
+    falling linearly in log2 of the pixel size to 0 at `octaves` octaves finer: a zoom
+    beyond the trained scales shows the smooth base instead of detail the renderer never
+    learned. The finer axis of anisotropic pixels decides. Returns (B, 1, 1, 1) float64;
+    all ones when fade_cell is 0.
+    """
+    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor(feature_size, dtype=torch.float64))
+    if fade_cell <= 0:
+        return torch.ones(cell.shape[0], 1, 1, 1, dtype=torch.float64)
+    finest = cell_f.min(dim=1).values
+    weight = 1 + torch.log2(finest / fade_cell) / octaves
+    return weight.clamp(0, 1).view(-1, 1, 1, 1)
 
 
 class Renderer(nn.Module):
@@ -89,38 +145,84 @@ class CLIFRenderer(Renderer):
     lacks; conditioning on the pixel size keeps every scale consistent.
     """
 
-    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2):
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2, lookup: str = "nearest"):
         super().__init__()
-        self.conv_in = nn.Conv2d(feature_channels + 4, hidden_channels, 3)
+        self.lookup = lookup
+        self.conv_in = nn.Conv2d(layout_channels(feature_channels, lookup), hidden_channels, 3)
         self.blocks = nn.Sequential(*[ValidResBlock(hidden_channels) for _ in range(num_blocks)])
         self.conv_out = nn.Conv2d(hidden_channels, 3, 3)
         self.halo = 2 + 2 * num_blocks
 
     def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.conv_in(query_layout(phi, ys, xs, cell)))
+        h = self.blocks(self.conv_in(query_layout(phi, ys, xs, cell, self.lookup)))
         return self.conv_out(F.silu(h))
 
     def last_layer_weight(self) -> torch.Tensor:
         return self.conv_out.weight
 
 
-class LIIFRenderer(Renderer):
-    """LIIF baseline: an MLP applied to each query pixel on its own (1x1 convs).
+def ensemble_lookup(centers: torch.Tensor, n_features: int, local_ensemble: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The features a LIIF query reads along one axis of n features, and their blend weights.
 
-    Nearest-feature lookup with offset and cell as in LIIF, without its feature unfolding
-    and local ensemble; it has the same inputs as CLIF but no spatial context.
+    centers: (B, N) query centers. Returns (index: long, offset: float64, weight: float64),
+    each (K, B, N). local_ensemble: K = 2, the feature centers just below and just above
+    each query (clamped at the border); the weight of one is the query's distance to the
+    other, in feature cells. That is LIIF's area weighting along one axis (its 2-D weights
+    are the products): the weights sum to 1, are 1 on a feature's center and change
+    continuously with the query. Otherwise K = 1: the nearest feature, weight 1. offset is
+    the query's distance from that feature's center in feature cells.
+    """
+    nearest, offset = geometry.feature_lookup(centers, n_features)
+    if not local_ensemble:
+        return nearest[None], offset[None], torch.ones_like(offset)[None]
+    lower, upper, upper_weight = geometry.feature_interpolation(centers, n_features)
+    index = torch.stack([lower, upper])
+    return index, offset + (nearest - index), torch.stack([1 - upper_weight, upper_weight])
+
+
+class LIIFRenderer(Renderer):
+    """LIIF baseline (Chen et al. 2021): an MLP applied to each query pixel on its own (1x1 convs).
+
+    The full LIIF, so that comparing CLIF with it is fair. `unfold`: `prepare` replaces each
+    feature by its 3x3 neighbourhood (zero padded, (C, 3, 3) order), the only spatial
+    context LIIF has. `local_ensemble`: each query is predicted from the 4 feature centers
+    around it, each with its offset from that center, and the predictions are blended with
+    bilinear area weights (`ensemble_lookup` per axis), which makes the render continuous
+    in the query position; without it the nearest feature alone steps where cells meet.
+    Offsets and the cell (the query pixel size, which the MLP also reads) are in feature
+    cells. The unfolded state is 9 times phi's memory.
+    `unfold=False, local_ensemble=False` is the earlier nearest-feature renderer.
     """
 
-    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_layers: int = 4):
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_layers: int = 4, unfold: bool = True, local_ensemble: bool = True):
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(feature_channels + 4, hidden_channels, 1)]
+        self.unfold = unfold
+        self.local_ensemble = local_ensemble
+        layers: list[nn.Module] = [nn.Conv2d(feature_channels * (9 if unfold else 1) + 4, hidden_channels, 1)]
         for _ in range(num_layers - 1):
             layers += [nn.SiLU(), nn.Conv2d(hidden_channels, hidden_channels, 1)]
         self.mlp = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(hidden_channels, 3, 1)
 
-    def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        return self.conv_out(F.silu(self.mlp(query_layout(phi, ys, xs, cell))))
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        """phi: (B, C, h, w) -> (B, 9C, h, w) unfolded, channels_last for the per-query gathers."""
+        if not self.unfold:
+            return phi
+        b, c, h, w = phi.shape
+        return F.unfold(phi, 3, padding=1).view(b, 9 * c, h, w).contiguous(memory_format=torch.channels_last)
+
+    def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """state: (B, C', h, w) from `prepare`; ys (B, H), xs (B, W), cell (B, 2) -> (B, 3, H, W)."""
+        h, w = state.shape[-2:]
+        rows = [t.to(state.device) for t in ensemble_lookup(ys, h, self.local_ensemble)]
+        cols = [t.to(state.device) for t in ensemble_lookup(xs, w, self.local_ensemble)]
+        cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor([h, w], dtype=torch.float64)).to(state.device)
+        rgb = 0  # blended in the state's precision, also under autocast
+        for iy, oy, wy in zip(*rows):  # one ensemble member at a time: the memory of one MLP pass
+            for ix, ox, wx in zip(*cols):
+                pred = self.conv_out(F.silu(self.mlp(gather_layout(state, iy, oy, ix, ox, cell_f))))
+                rgb = rgb + (wy[:, None, :, None] * wx[:, None, None, :]).to(state.dtype) * pred
+        return rgb
 
     def last_layer_weight(self) -> torch.Tensor:
         return self.conv_out.weight
@@ -132,14 +234,23 @@ class FixedResolutionRenderer(Renderer):
     This is "a fixed-resolution decoder + upsampling": the head is the usual last conv of
     an LDM decoder; queries are answered by bicubic interpolation of its output, after an
     antialiased downsize when the query pixels are larger than the decoder's.
+
+    `skip_rgb=True`: the last 3 channels of the features are already an RGB image (an
+    anchored autoencoder's upsampled latent thumbnail) and the head, zero-initialised,
+    learns a correction to it, so training starts from that image instead of from noise.
     """
 
-    def __init__(self, feature_channels: int):
+    def __init__(self, feature_channels: int, skip_rgb: bool = False):
         super().__init__()
+        self.skip_rgb = skip_rgb
         self.head = nn.Conv2d(feature_channels, 3, 3, padding=1)
+        if skip_rgb:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def prepare(self, phi: torch.Tensor) -> torch.Tensor:
-        return self.head(phi)
+        rgb = self.head(phi)
+        return rgb + phi[:, -3:] if self.skip_rgb else rgb
 
     def forward(self, rgb: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.resample(rgb[i : i + 1], ys[i], xs[i], cell[i]) for i in range(rgb.shape[0])])
@@ -163,16 +274,30 @@ class FixedResolutionRenderer(Renderer):
 class ResidualCLIFRenderer(CLIFRenderer):
     """CLIF adding detail to the bicubic upsampling of a fixed-resolution RGB head.
 
-    For a converted LDM autoencoder the head is the original decoder's last conv, so the
-    renderer starts as "the original decoder, upsampled": its CLIF output conv starts at
-    zero, and at the original output size the render equals the original decoder's image.
-    Finetuning teaches CLIF the residual detail. The state is phi and the head's image
-    stacked, (B, F + 3, S, S), so tiles and the interface stay those of every renderer.
+    The render is never worse than "fixed head + bicubic" at the start of training: the
+    CLIF output conv starts at zero, so CLIF learns only the detail the smooth base lacks.
+    For a converted LDM autoencoder the head is the original decoder's last conv, so at the
+    original output size the render equals the original decoder's image. The state is phi
+    and the head's image stacked, (B, F + 3, S, S), so tiles and the interface stay those
+    of every renderer.
+
+    `fade_cell` > 0: the detail fades out (see `detail_weight`) for query pixels finer than
+    `fade_cell` feature cells, the finest scale the model was trained on, so an extreme
+    zoom shows the smooth base rather than the renderer's guesses outside its training.
     """
 
-    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2):
-        super().__init__(feature_channels, hidden_channels, num_blocks)
-        self.base = FixedResolutionRenderer(feature_channels)
+    def __init__(
+        self,
+        feature_channels: int,
+        hidden_channels: int = 256,
+        num_blocks: int = 2,
+        lookup: str = "nearest",
+        fade_cell: float = 0.0,
+        skip_rgb: bool = False,
+    ):
+        super().__init__(feature_channels, hidden_channels, num_blocks, lookup)
+        self.base = FixedResolutionRenderer(feature_channels, skip_rgb)
+        self.fade_cell = fade_cell
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
@@ -183,12 +308,15 @@ class ResidualCLIFRenderer(CLIFRenderer):
         phi, rgb = state[:, :-3], state[:, -3:]
         halo = self.halo  # the head reads the window's centers without CLIF's halo
         base = self.base(rgb, ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo], cell)
-        return base + super().forward(phi, ys, xs, cell)
+        weight = detail_weight(cell, tuple(phi.shape[-2:]), self.fade_cell)
+        if not weight.any():
+            return base  # past the fade: no detail to add, and no CLIF to run
+        return base + weight.to(base.device, base.dtype) * super().forward(phi, ys, xs, cell)
 
 
-def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2) -> Renderer:
+def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2, lookup: str = "nearest") -> Renderer:
     if kind == "clif":
-        return CLIFRenderer(feature_channels, hidden_channels, num_blocks)
+        return CLIFRenderer(feature_channels, hidden_channels, num_blocks, lookup)
     if kind == "liif":
         return LIIFRenderer(feature_channels, hidden_channels, num_layers=2 * num_blocks)
     if kind == "fixed":

@@ -1,0 +1,108 @@
+"""Renderer variants: residual and anchored starts, the detail fade, the bilinear lookup, seam-free tiles for each."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infd import geometry, metrics, rendering
+from infd.geometry import Box
+from infd.models.renderers import FixedResolutionRenderer, detail_weight
+
+ANCHORED = dict(residual_renderer=True, latent_anchor=True, renderer_lookup="bilinear", detail_fade_cell=0.5)
+VARIANTS = {
+    "clif": dict(renderer="clif"),
+    "clif-bilinear": dict(renderer="clif", renderer_lookup="bilinear"),
+    "liif-ensemble": dict(renderer="liif"),
+    "fixed": dict(renderer="fixed"),
+    "residual": dict(renderer="clif", residual_renderer=True),
+    "anchored": dict(renderer="clif", **ANCHORED),
+}
+
+
+def perturbed(model, seed: int = 1):
+    """The model with every weight moved off its initialisation (zero-initialised residuals included)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def pattern(h: int, w: int) -> torch.Tensor:
+    y = torch.linspace(0, 1, h)[:, None]
+    x = torch.linspace(0, 1, w)[None, :]
+    return torch.stack([0.5 + 0.4 * torch.sin(7 * y) * torch.cos(5 * x), y.expand(h, w), (x * y).expand(h, w)])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("box", [Box.full(), Box(-0.3, -0.9, 0.1, 0.2), Box(-0.05, -0.05, 0.05, 0.05)])
+def test_every_renderer_variant_tiles_without_seams(make_tiny_model, variant, box):
+    options = dict(VARIANTS[variant])
+    model = perturbed(make_tiny_model(options.pop("renderer"), **options))
+    z = torch.randn(2, *model.latent_shape)
+    size = (45, 70)
+    whole = rendering.render(model, z, size, box=box, tile=None)
+    for tile in (7, (33, 9), 16):
+        assert (rendering.render(model, z, size, box=box, tile=tile) - whole).abs().max().item() <= 1e-5, f"seam at tile {tile}"
+
+
+def test_residual_renderer_starts_as_fixed_plus_bicubic(make_tiny_model):
+    model = make_tiny_model("clif", residual_renderer=True)
+    z = torch.randn(1, *model.latent_shape)
+    for size, box in (((40, 56), None), ((64, 64), Box(-0.5, -0.5, 0.2, 0.3))):
+        residual = rendering.render(model, z, size, box=box)
+        fixed = rendering.render(model, z, size, box=box, renderer="fixed")
+        assert torch.equal(residual, fixed)
+    perturbed(model)  # once trained, CLIF adds to the base
+    assert not torch.equal(rendering.render(model, z, (40, 56)), rendering.render(model, z, (40, 56), renderer="fixed"))
+
+
+def test_anchored_autoencoder_starts_as_its_thumbnail(make_tiny_model):
+    model = make_tiny_model("clif", **ANCHORED)
+    image = pattern(48, 80)
+    z = rendering.encode(model, image[None])
+    s = model.config.input_size
+    x = F.interpolate(image[None], size=(s, s), mode="bicubic", antialias=True).clamp(0, 1) * 2 - 1
+    assert torch.allclose(z, F.adaptive_avg_pool2d(x, model.latent_shape[1:]), atol=1e-6)  # z *is* the thumbnail
+    assert model.feature_shape == (model.config.block_out_channels[0] + 3, s, s)
+
+    size = (48, 80)
+    render = rendering.render(model, z, size)
+    base = F.interpolate(z, size=(s, s), mode="bicubic", align_corners=False)
+    ys, xs = geometry.window_centers(Box.full(), size)
+    cell = torch.tensor(geometry.cell_size(Box.full(), size), dtype=torch.float64)
+    expected = ((FixedResolutionRenderer.resample(base, ys, xs, cell) + 1) / 2).clamp(0, 1)
+    assert (render - expected).abs().max().item() < 1e-5
+    floor = F.interpolate((z + 1) / 2, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    truth = F.interpolate(image[None], size=size, mode="bicubic", antialias=True).clamp(0, 1)
+    assert abs(metrics.psnr(render, truth).item() - metrics.psnr(floor, truth).item()) < 1.0  # the floor, to the double resampling
+
+
+def test_detail_weight_fades_over_two_octaves_below_the_trained_cell():
+    feature = (16, 16)
+    cells = torch.tensor([[2 / 16, 2 / 16], [2 / 32, 2 / 32], [2 / 64, 2 / 64], [2 / 128, 2 / 128], [2 / 64, 2 / 256]], dtype=torch.float64)
+    weights = detail_weight(cells, feature, fade_cell=0.5).flatten().tolist()  # cells in feature units: 1, 0.5, 0.25, 0.125; anisotropic: the finer axis
+    assert weights == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
+    assert detail_weight(cells, feature, fade_cell=0.0).flatten().tolist() == [1.0] * 5
+
+
+def test_zoom_past_the_fade_renders_the_smooth_base(make_tiny_model):
+    model = perturbed(make_tiny_model("clif", **ANCHORED))  # phi 32², fade below 0.5 feature cells per pixel
+    z = torch.randn(1, *model.latent_shape)
+    deep = Box(-0.1, -0.1, 0.1, 0.1)  # 64 px over 3.2 cells: 0.05 cells per pixel, past the fade
+    assert torch.equal(rendering.render(model, z, (64, 64), box=deep), rendering.render(model, z, (64, 64), box=deep, renderer="fixed"))
+    assert not torch.equal(rendering.render(model, z, (40, 40)), rendering.render(model, z, (40, 40), renderer="fixed"))
+
+
+def test_bilinear_lookup_has_no_steps_at_cell_edges(make_tiny_model):
+    size, box = (64, 64), Box(-0.3, -0.3, 0.3, 0.3)  # ~6.7 px per cell of the 32² phi
+    ys, xs = geometry.window_centers(box, size)
+    edges = geometry.cell_edges(ys, 32), geometry.cell_edges(xs, 32)
+    figures = {}
+    for lookup in ("nearest", "bilinear"):
+        model = perturbed(make_tiny_model("clif", renderer_lookup=lookup))
+        render = rendering.render(model, torch.randn(1, *model.latent_shape), size, box=box)
+        figures[lookup] = metrics.blockiness(render, *edges).item()
+    assert figures["bilinear"] < 1.2 < 1.4 < figures["nearest"], figures  # fixed seeds: deterministic

@@ -31,6 +31,8 @@ console = Console(stderr=True)
 
 SIZE_HELP = "Output size as WIDTHxHEIGHT (e.g. 2048x1536) or one number for a square."
 BOX_HELP = "Region to render as y0,x0,y1,x1 in [-1, 1] image units (top-left to bottom-right); default: the whole image."
+PRECISION_DEFAULT = "bfloat16 on CPUs with bfloat16 instructions (avx512_bf16/amx_bf16) and float32 elsewhere"
+PRECISION_HELP = f"Render in bfloat16 (autocast) or float32. Default: {PRECISION_DEFAULT}."
 RENDERER_HELP = "clif (default: the autoencoder's own renderer) or fixed: the fixed-resolution baseline head, upsampled."
 UPSAMPLE_HELP = "How --renderer fixed upsamples: bicubic (tiled) or lanczos (PIL, whole image)."
 TIME_LIMIT_HELP = "Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."
@@ -102,7 +104,7 @@ def reconstruct(
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(False, help="Render in bfloat16 (faster on recent CPUs and GPUs)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
 ):
     """Encode IMAGE and render it back at any size, region and aspect ratio."""
     import numpy as np
@@ -123,7 +125,8 @@ def reconstruct(
     start = time.perf_counter()
     z = rendering.encode(model, picture[None])
     canvas = np.empty((height, width, 3), dtype=np.uint8)
-    rendering.render(model, z, out_size, box=region, tile=tile, sink=rendering.ArraySink(canvas), dtype=torch.bfloat16 if bf16 else None, progress=True)
+    dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
+    rendering.render(model, z, out_size, box=region, tile=tile, sink=rendering.ArraySink(canvas), dtype=dtype, progress=True)
     images.save_image(canvas, out)
     console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
@@ -215,7 +218,7 @@ def sample(
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(False, help="Sample and render in bfloat16 (autocast)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: sample and render in bfloat16 (autocast); --fp32: both in float32. Default: sample in float32, render as " + PRECISION_DEFAULT + "."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later.
@@ -227,7 +230,7 @@ def sample(
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from infd import images
+    from infd import images, rendering
     from infd.diffusion import SAMPLERS, check_sampling
     from infd.latents import save_latent
     from infd.pipeline import find_pipeline, load_pipeline, render_to_array
@@ -248,7 +251,8 @@ def sample(
     pipe.autoencoder.get_renderer(renderer)
     sizes = sizes or [(pipe.autoencoder.config.input_size,) * 2]
     pipe.set_progress_bar_config(desc="sampling", disable=not (progress and state.is_main_process), leave=False)
-    dtype = torch.bfloat16 if bf16 else None
+    dtype = torch.bfloat16 if bf16 else None  # the UNet's precision
+    render_dtype = rendering.render_dtype(next(pipe.autoencoder.parameters()).device, bf16)
     metadata = {"ckpt": str(folder), "sampler": sampler, "steps": steps, "eta": eta, "scaling_factor": pipe.scaling_factor}
     start = time.perf_counter()
     mine = range(state.process_index, n, state.num_processes)
@@ -263,7 +267,7 @@ def sample(
             save_latent(out / f"sample_{i:04d}.z.safetensors", z[row : row + 1], {**metadata, "seed": seed + i, "index": i})
             for height, width in sizes:
                 name = f"sample_{i:04d}.png" if len(sizes) == 1 else f"sample_{i:04d}_{width}x{height}.png"
-                pixels = render_to_array(pipe.autoencoder, z[row : row + 1], (height, width), region, renderer, upsample, tile, dtype)
+                pixels = render_to_array(pipe.autoencoder, z[row : row + 1], (height, width), region, renderer, upsample, tile, render_dtype)
                 images.save_image(pixels, out / name)
                 bar.update(1)
     bar.close()
@@ -288,7 +292,7 @@ def render_latent(
     output_format: Optional[str] = typer.Option(None, "--format", help="tif, png or dzi; default: from the --out suffix."),
     compression: str = typer.Option("deflate", help="TIFF compression: deflate or none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(False, help="Render in bfloat16 (autocast)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar (with ETA)."),
 ):
     """Render a saved latent z again at any size, region and aspect ratio; gigapixel outputs stream to disk."""
@@ -314,7 +318,7 @@ def render_latent(
     model.get_renderer(renderer)
     latent = rendering.check_latent(model, latent)
     height, width = sizes[0] if sizes else (model.config.input_size,) * 2
-    dtype = torch.bfloat16 if bf16 else None
+    dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     start = time.perf_counter()
     if streamed:
         field = export.LatentField(model, latent, region, renderer, dtype)

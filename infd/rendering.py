@@ -133,6 +133,31 @@ def render_window(
     return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU instructions that make bfloat16 convolutions fast
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU has bfloat16 instructions (Linux /proc/cpuinfo flags; False when unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_CPU_FLAGS)
+
+
+def render_dtype(device: torch.device, bf16: bool | None = None) -> torch.dtype | None:
+    """The precision of a command's render: bf16 when asked (True), fp32 when asked (False).
+
+    By default (None) bfloat16 on CPUs with bfloat16 instructions, where it renders about
+    twice as fast and changes held-out PSNR by under 0.05 dB (README, model card), and
+    float32 elsewhere (on a GPU pass --bf16 to choose it).
+    """
+    if bf16 is None:
+        bf16 = device.type == "cpu" and native_bf16_cpu()
+    return torch.bfloat16 if bf16 else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """Autocast to `dtype` (bfloat16/float16) on `device`; a no-op for None or float32."""
     return torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))

@@ -192,13 +192,13 @@ def ae_and_z(make_tiny_model, tmp_path):
 def test_render_command_streams_tiff_png_and_deep_zoom(ae_and_z, tmp_path, one_torch_thread):
     model, z, ae, z_file = ae_and_z
     out = tmp_path / "out"
-    result = invoke("render", z_file, "--ckpt", ae, "--size", "600x400", "--out", out / "big.tif", "--tile", 256, "--no-progress")
+    result = invoke("render", z_file, "--ckpt", ae, "--size", "600x400", "--out", out / "big.tif", "--tile", 256, "--fp32", "--no-progress")
     assert result.exit_code == 0, result.output
     expected = uint8(render(model, z, (400, 600)))
     with tifffile.TiffFile(out / "big.tif") as tif:
         assert tif.pages.first.is_tiled and len(tif.series[0].levels) == 3
         assert np.array_equal(tif.series[0].levels[0].asarray(), expected)
-    result = invoke("render", z_file, "--ckpt", ae, "--size", "600x400", "--out", out / "big.png", "--no-progress")
+    result = invoke("render", z_file, "--ckpt", ae, "--size", "600x400", "--out", out / "big.png", "--fp32", "--no-progress")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out / "big.png")), expected)
     result = invoke("render", z_file, "--ckpt", ae, "--size", "600x400", "--format", "dzi", "--out", out / "deep", "--no-progress")

@@ -18,6 +18,7 @@ VARIANTS = {
     "fixed": dict(renderer="fixed"),
     "residual": dict(renderer="clif", residual_renderer=True),
     "anchored": dict(renderer="clif", **ANCHORED),
+    "anchored-sr-trunk": dict(renderer="clif", trunk_type="sr", **ANCHORED),
 }
 
 
@@ -59,8 +60,9 @@ def test_residual_renderer_starts_as_fixed_plus_bicubic(make_tiny_model):
     assert not torch.equal(rendering.render(model, z, (40, 56)), rendering.render(model, z, (40, 56), renderer="fixed"))
 
 
-def test_anchored_autoencoder_starts_as_its_thumbnail(make_tiny_model):
-    model = make_tiny_model("clif", **ANCHORED)
+@pytest.mark.parametrize("trunk", ["vae", "sr"])
+def test_anchored_autoencoder_starts_as_its_thumbnail(make_tiny_model, trunk):
+    model = make_tiny_model("clif", trunk_type=trunk, **ANCHORED)
     image = pattern(48, 80)
     z = rendering.encode(model, image[None])
     s = model.config.input_size
@@ -106,3 +108,16 @@ def test_bilinear_lookup_has_no_steps_at_cell_edges(make_tiny_model):
         render = rendering.render(model, torch.randn(1, *model.latent_shape), size, box=box)
         figures[lookup] = metrics.blockiness(render, *edges).item()
     assert figures["bilinear"] < 1.2 < 1.4 < figures["nearest"], figures  # fixed seeds: deterministic
+
+
+def test_sr_trunk_shapes_and_refusals(make_tiny_model):
+    model = make_tiny_model("clif", trunk_type="sr")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean, logvar = model.encode_moments(x)
+    assert mean.shape == logvar.shape == (2, *model.latent_shape)
+    assert model.decode_features(mean).shape == (2, *model.feature_shape)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())  # normalisation-free
+    from infd.errors import InfdError
+
+    with pytest.raises(InfdError, match="trunk_type"):
+        make_tiny_model("clif", trunk_type="unet")

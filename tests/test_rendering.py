@@ -141,3 +141,13 @@ def test_render_window_is_differentiable_in_z(make_tiny_model):
     rgb = rendering.render_window(model, model.prepare_render(z), Box(-0.2, -0.2, 0.1, 0.3), (12, 12))
     rgb.mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_commands_render_in_bf16_by_default_only_on_cpus_with_bf16_instructions(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(rendering, "native_bf16_cpu", lambda: True)
+    assert rendering.render_dtype(cpu) == torch.bfloat16
+    assert rendering.render_dtype(cpu, bf16=False) is None  # --fp32
+    assert rendering.render_dtype(gpu) is None and rendering.render_dtype(gpu, bf16=True) == torch.bfloat16
+    monkeypatch.setattr(rendering, "native_bf16_cpu", lambda: False)
+    assert rendering.render_dtype(cpu) is None

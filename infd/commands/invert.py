@@ -146,10 +146,13 @@ def write_outputs(out: Path, model, problem, result, critics, seconds: float, ck
     from infd.latents import save_latent
     from infd.pipeline import render_to_array
 
+    from infd.rendering import render_dtype
+
     canvas = problem.canvas
     regions = render_conditions(model, result.z, result.conditions, critics, canvas)
+    dtype = render_dtype(next(model.parameters()).device)  # as `infd render` renders the saved z by default
     with atomic_directory(out) as folder:
-        images.save_image(render_to_array(model, result.z, canvas, progress=False), folder / "image.png")
+        images.save_image(render_to_array(model, result.z, canvas, dtype=dtype, progress=False), folder / "image.png")
         save_latent(folder / "z.safetensors", result.z, {"ckpt": ckpt, "inversion": spec_to_dict(problem)})
         (folder / "regions").mkdir()
         for i, (condition, region) in enumerate(zip(result.conditions, regions)):

@@ -59,7 +59,7 @@ def txt2img(
     renderer: Optional[str] = typer.Option(None, help="clif (default) or fixed: the original decoder's image, bicubic-upsampled (the baseline)."),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: bool = typer.Option(False, help="Denoise and render in bfloat16 (autocast)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: denoise and render in bfloat16 (autocast); --fp32: both in float32. Default: denoise in float32, render in bfloat16 on CPUs with bfloat16 instructions and float32 elsewhere."),
 ):
     """Text-to-image with Stable Diffusion, rendered at any size (2048², 4096², ...) by the converted autoencoder."""
     import torch
@@ -85,7 +85,8 @@ def txt2img(
         pipe.use_sampler(sampler)
     pipe.autoencoder.get_renderer(renderer)
     pipe.set_progress_bar_config(desc="denoising", leave=False)
-    dtype = torch.bfloat16 if bf16 else None
+    dtype = torch.bfloat16 if bf16 else None  # the UNet's precision
+    render_dtype = rendering.render_dtype(next(pipe.autoencoder.parameters()).device, bf16)
     start = time.perf_counter()
     names = [out] if n == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(n)]
     for i, name in enumerate(names):
@@ -93,6 +94,6 @@ def txt2img(
         z = pipe.sample_latents(prompt, negative_prompt, steps, guidance, generator, dtype=dtype)
         metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + i, "steps": steps, "guidance": guidance, "sd": str(sd)}
         save_latent(name.with_suffix(".z.safetensors"), z, metadata)
-        pixels = render_to_array(pipe.autoencoder, z, (height, width), region, renderer, tile=tile, dtype=dtype, progress=True)
+        pixels = render_to_array(pipe.autoencoder, z, (height, width), region, renderer, tile=tile, dtype=render_dtype, progress=True)
         images.save_image(pixels, name)
     console.print(f"[green]wrote[/] {n} image(s) of {width}x{height} to {', '.join(map(str, names[:3]))}{' ...' if n > 3 else ''} ({time.perf_counter() - start:.1f} s)")

@@ -16,6 +16,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError
+from infd.models.trunks import SRDecoder, SREncoder
 from infd.models.renderers import (
     LOOKUPS,
     RENDERERS,
@@ -26,6 +27,7 @@ from infd.models.renderers import (
 )
 
 LATENT_TYPES = ("kl", "vq")
+TRUNKS = ("vae", "sr")  # diffusers' VAE Encoder/Decoder (SD's blocks), or infd.models.trunks' normalisation-free SR trunk
 
 
 class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
@@ -48,7 +50,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     upsampled beside its features, which the RGB head corrects. At initialisation the model
     *is* "a thumbnail with as many numbers as the latent, bicubic up", the floor every
     model must beat; training only adds to it, and the latents stay image-like.
-    `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
+    `trunk_type="sr"` replaces the VAE trunk by a normalisation-free super-resolution
+    trunk (infd.models.trunks) that learns far faster on small budgets; SD conversion
+    keeps the VAE trunk. `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
     feature-cell edges) and `detail_fade_cell` fades a residual renderer's detail for
     pixels finer than the trained scales (both in infd.models.renderers).
     """
@@ -77,8 +81,11 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         latent_anchor: bool = False,
         renderer_lookup: str = "nearest",
         detail_fade_cell: float = 0.0,
+        trunk_type: str = "vae",
     ):
         super().__init__()
+        if trunk_type not in TRUNKS:
+            raise InfdError(f"unknown trunk_type '{trunk_type}'; choose one of {', '.join(TRUNKS)}.")
         if latent_type not in LATENT_TYPES:
             raise InfdError(f"unknown latent type '{latent_type}'; choose one of {', '.join(LATENT_TYPES)}.")
         if renderer_type not in RENDERERS:
@@ -93,14 +100,21 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             norm_num_groups=norm_num_groups,
             mid_block_add_attention=mid_block_add_attention,
         )
-        self.encoder = Encoder(
-            in_channels, latent_channels, down_block_types=("DownEncoderBlock2D",) * depth, double_z=latent_type == "kl", **trunk
-        )
+        # (Modules are created in this order so that a seed gives the weights it always gave.)
+        if trunk_type == "vae":
+            self.encoder = Encoder(
+                in_channels, latent_channels, down_block_types=("DownEncoderBlock2D",) * depth, double_z=latent_type == "kl", **trunk
+            )
+        else:
+            self.encoder = SREncoder(in_channels, moments, tuple(block_out_channels), layers_per_block)
         self.quant_conv = nn.Conv2d(moments, moments, 1)
         self.quantizer = VectorQuantizer(vq_codebook_size, latent_channels, beta=0.25, legacy=False) if latent_type == "vq" else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
-        self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
-        self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
+        if trunk_type == "vae":
+            self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
+            self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
+        else:
+            self.decoder = SRDecoder(latent_channels, tuple(block_out_channels), layers_per_block)
         if residual_renderer and (renderer_type != "clif" or fixed_head):
             raise InfdError("residual_renderer needs renderer_type 'clif' and no fixed_head (its RGB head already is the fixed renderer).")
         if latent_anchor and not (residual_renderer and latent_channels >= in_channels):

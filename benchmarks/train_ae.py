@@ -127,6 +127,19 @@ def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], ev
     return rows
 
 
+def evaluate_reference(text: str, paths: list[Path], scales: list[int], device: torch.device) -> list[dict]:
+    """`LABEL=CKPT@MINUTES@SAMPLES`: one trained model placed on the curves as a single point (e.g. an older recipe's shipped weights)."""
+    label, path = parse_labelled(text, "--reference")
+    parts = str(path).split("@")
+    if len(parts) != 3:
+        raise SystemExit(f"--reference '{text}' must be LABEL=CKPT@MINUTES@SAMPLES.")
+    folder, minutes, samples = Path(parts[0]), float(parts[1]), int(parts[2])
+    entry = evaluation.EvalModel(label, rendering.load_autoencoder(folder, device), None, str(folder))
+    result = evaluation.evaluate_autoencoders(paths, [entry], scales, progress=False, floors=False)
+    keys = ("scale", "psnr", "spectral_db", "colour", "rim_db", "blockiness", "zoom_blockiness")
+    return [{"recipe": label, "step": None, "samples": samples, "minutes": minutes, **{k: row[k] for k in keys}} for row in result["rows"]]
+
+
 def curve_panels(rows: list[dict], floors: dict, scale: int) -> list[Panel]:
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     mine = [r for r in rows if r["scale"] == scale]
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", default=[], help="LABEL=RUN: an existing training run to evaluate.")
     parser.add_argument("--recipe", action="append", default=[], help="LABEL=CONFIG: train this recipe for --minutes first.")
+    parser.add_argument("--reference", action="append", default=[], help="LABEL=CKPT@MINUTES@SAMPLES: a trained model shown as one point.")
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/learning-curves"))
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, run in runs:
         rows += evaluate_run(label, run, paths, scales, args.every, device, floors)
+    for text in args.reference:
+        rows += evaluate_reference(text, paths, scales, device)
 
     columns = [
         Column("recipe", "recipe", justify="left"),

@@ -2,6 +2,7 @@
 
 Every command reports a user error as one sentence on stderr and exits with status 1;
 outputs are written to a temporary name and renamed, so a failed command leaves nothing.
+Messages print paths and user text verbatim (`report`): nothing in them is Rich markup.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from infd.errors import InfdError
 
@@ -30,12 +32,20 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 SIZE_HELP = "Output size as WIDTHxHEIGHT (e.g. 2048x1536) or one number for a square."
-BOX_HELP = "Region to render as y0,x0,y1,x1 in [-1, 1] image units (top-left to bottom-right); default: the whole image."
+BOX_HELP = (
+    "Region to render as y0,x0,y1,x1 (top-left to bottom-right) in image units: the image spans [-1, 1], "
+    "and beyond it, up to ±8, the field extends its border; default: the whole image."
+)
 PRECISION_DEFAULT = "bfloat16 on CPUs with bfloat16 instructions (avx512_bf16/amx_bf16) and float32 elsewhere"
 PRECISION_HELP = f"Render in bfloat16 (autocast) or float32. Default: {PRECISION_DEFAULT}."
 RENDERER_HELP = "clif (default: the autoencoder's own renderer) or fixed: the fixed-resolution baseline head, upsampled."
 UPSAMPLE_HELP = "How --renderer fixed upsamples: bicubic (tiled) or lanczos (PIL, whole image)."
 TIME_LIMIT_HELP = "Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."
+
+
+def report(label: str, message: str, style: str = "green") -> None:
+    """One line on stderr: `label` in `style`, then `message` verbatim (paths and user text are never markup)."""
+    console.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
 
 
 def reports_errors(command):
@@ -46,10 +56,10 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except InfdError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            report("error:", str(error), "bold red")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            console.print("[bold red]interrupted[/]; nothing was left half-written.")
+            report("interrupted:", "nothing was left half-written.", "bold red")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -91,7 +101,7 @@ def train_ae(
         num_workers=num_workers, freeze_encoder=freeze_encoder, freeze_decoder=freeze_decoder,
     )
     last = train_autoencoder(cfg, data, out, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
-    console.print(f"[green]done:[/] last checkpoint {last}")
+    report("done:", f"last checkpoint {last}")
 
 
 @app.command()
@@ -128,7 +138,7 @@ def reconstruct(
     dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     rendering.render(model, z, out_size, box=region, tile=tile, sink=rendering.ArraySink(canvas), dtype=dtype, progress=True)
     images.save_image(canvas, out)
-    console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
+    report("wrote", f"{out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
 
 @app.command("encode-latents")
@@ -155,7 +165,7 @@ def encode_latents(
     skipped = cache.index["skipped"]
     detail = f", skipped {sum(skipped.values())} ({', '.join(f'{n} {reason}' for reason, n in sorted(skipped.items()))})" if skipped else ""
     shape = "x".join(map(str, cache.latent_shape))
-    console.print(f"[green]done:[/] {len(cache)} latents of {shape} in {out}{detail} ({time.perf_counter() - start:.1f} s)")
+    report("done:", f"{len(cache)} latents of {shape} in {out}{detail} ({time.perf_counter() - start:.1f} s)")
 
 
 @app.command("train-ldm")
@@ -182,7 +192,7 @@ def train_ldm(
     cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
     _override(cfg, steps=steps, batch_size=batch_size, lr=lr, time_limit=time_limit)
     last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
-    console.print(f"[green]done:[/] last checkpoint {last}")
+    report("done:", f"last checkpoint {last}")
 
 
 def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str], upsample: str):
@@ -232,7 +242,7 @@ def sample(
 
     from infd import images, rendering
     from infd.diffusion import SAMPLERS, check_sampling
-    from infd.latents import save_latent
+    from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
     from infd.pipeline import find_pipeline, load_pipeline, render_to_array
 
     if n <= 0 or batch_size <= 0:
@@ -253,29 +263,30 @@ def sample(
     pipe.set_progress_bar_config(desc="sampling", disable=not (progress and state.is_main_process), leave=False)
     dtype = torch.bfloat16 if bf16 else None  # the UNet's precision
     render_dtype = rendering.render_dtype(next(pipe.autoencoder.parameters()).device, bf16)
-    metadata = {"ckpt": str(folder), "sampler": sampler, "steps": steps, "eta": eta, "scaling_factor": pipe.scaling_factor}
+    latent_space = latent_space_fingerprint(pipe.autoencoder)
+    metadata = {"ckpt": str(folder), "sampler": sampler, "steps": steps, "eta": eta, "scaling_factor": pipe.scaling_factor, LATENT_SPACE_KEY: latent_space}
     start = time.perf_counter()
     mine = range(state.process_index, n, state.num_processes)
     if state.num_processes > 1:
-        console.print(f"process {state.process_index} of {state.num_processes}: samples {', '.join(map(str, mine)) or 'none'} on {device}")
+        report(f"process {state.process_index} of {state.num_processes}:", f"samples {', '.join(map(str, mine)) or 'none'} on {device}", "")
     bar = tqdm(total=len(mine) * len(sizes), desc="render", unit="image", disable=not (progress and state.is_main_process))
     for first in range(0, len(mine), batch_size):
         indices = mine[first : first + batch_size]
         generators = [torch.Generator().manual_seed(seed + i) for i in indices]
         z = pipe.sample_latents(len(indices), steps, generators, eta, dtype=dtype)
         for row, i in enumerate(indices):
-            save_latent(out / f"sample_{i:04d}.z.safetensors", z[row : row + 1], {**metadata, "seed": seed + i, "index": i})
             for height, width in sizes:
                 name = f"sample_{i:04d}.png" if len(sizes) == 1 else f"sample_{i:04d}_{width}x{height}.png"
                 pixels = render_to_array(pipe.autoencoder, z[row : row + 1], (height, width), region, renderer, upsample, tile, render_dtype)
                 images.save_image(pixels, out / name)
                 bar.update(1)
+            save_latent(out / f"sample_{i:04d}.z.safetensors", z[row : row + 1], {**metadata, "seed": seed + i, "index": i})
     bar.close()
     state.wait_for_everyone()
     if not state.is_main_process:
         return
     shown = ", ".join(f"{w}x{h}" for h, w in sizes)
-    console.print(f"[green]wrote[/] {n} sample{'s' if n != 1 else ''} ({shown}) and {'their' if n != 1 else 'its'} z to {out} ({time.perf_counter() - start:.1f} s)")
+    report("wrote", f"{n} sample{'s' if n != 1 else ''} ({shown}) and {'their' if n != 1 else 'its'} z to {out} ({time.perf_counter() - start:.1f} s)")
 
 
 @app.command("render")
@@ -283,7 +294,7 @@ def sample(
 def render_latent(
     z: Path = typer.Argument(..., help="A latent written by `infd sample` (sample_NNNN.z.safetensors)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="The LDM run or pipeline it was sampled from, or its autoencoder."),
-    out: Path = typer.Option(..., "--out", help="Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp."),
+    out: Path = typer.Option(..., "--out", help="Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp. An image file replaces one of its name; an existing Deep Zoom export needs --overwrite."),
     size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
@@ -293,13 +304,14 @@ def render_latent(
     compression: str = typer.Option("deflate", help="TIFF compression: deflate or none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier Deep Zoom export at --out (never a folder holding anything else)."),
     progress: bool = typer.Option(True, help="Show a progress bar (with ETA)."),
 ):
     """Render a saved latent z again at any size, region and aspect ratio; gigapixel outputs stream to disk."""
     import torch
 
     from infd import export, geometry, images, rendering
-    from infd.latents import load_latent
+    from infd.latents import load_latent_for
     from infd.pipeline import render_to_array
 
     kind = export.export_format(out, output_format)
@@ -310,13 +322,14 @@ def render_latent(
     streamed = kind is not None and upsample != "lanczos"
     if kind == "dzi" and not streamed:
         raise InfdError("Deep Zoom outputs are rendered tile by tile, which Lanczos upsampling cannot do; use --upsample bicubic.")
+    if kind == "dzi":
+        export.check_dzi_output(out, overwrite)
     sizes, region = _render_options([size] if size and not streamed else [], box, renderer, upsample)
     if streamed and size:
         sizes = [export.check_export_size(geometry.parse_size(size))]
-    latent, _ = load_latent(z)
     model = rendering.load_autoencoder(ckpt, rendering.pick_device(device))
     model.get_renderer(renderer)
-    latent = rendering.check_latent(model, latent)
+    latent, _ = load_latent_for(model, z)
     height, width = sizes[0] if sizes else (model.config.input_size,) * 2
     dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     start = time.perf_counter()
@@ -327,11 +340,11 @@ def render_latent(
         elif kind == "png":
             export.export_png(field, (height, width), out, tile=tile, progress=progress)
         else:
-            export.export_dzi(field, (height, width), out, progress=progress)
+            export.export_dzi(field, (height, width), out, progress=progress, overwrite=overwrite)
     else:
         pixels = render_to_array(model, latent, (height, width), region, renderer, upsample, tile, dtype, progress=progress)
         images.save_image(pixels, out)
-    console.print(f"[green]wrote[/] {out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
+    report("wrote", f"{out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
 
 @app.command()
@@ -342,10 +355,14 @@ def info(run: Path = typer.Argument(..., help="Run folder, checkpoint folder or 
 
     folder = rendering.find_checkpoint(run)
     model = rendering.load_autoencoder(folder)
-    table = Table(title=f"infd autoencoder: {folder}", show_header=False)
-    table.add_row("latent z", "x".join(map(str, model.latent_shape)) + f" ({model.config.latent_type})")
-    table.add_row("feature map phi", "x".join(map(str, model.feature_shape)))
-    table.add_row("renderer", f"{model.config.renderer_type}, hidden {model.config.renderer_hidden}, halo {model.halo} px")
+    table = Table(title=Text(f"infd autoencoder: {folder}"), show_header=False)
+    cfg = model.config
+    anchor = ", anchored: thumbnail + residual" if cfg.latent_anchor else ""
+    table.add_row("latent z", "x".join(map(str, model.latent_shape)) + f" ({cfg.latent_type}{anchor})")
+    table.add_row("feature map phi", "x".join(map(str, model.feature_shape)) + f" ({cfg.trunk_type} trunk)")
+    kind = f"residual {cfg.renderer_type} over fixed+bicubic" if cfg.residual_renderer else cfg.renderer_type
+    fade = f", detail fades below {cfg.detail_fade_cell:g} feature cells per pixel" if cfg.detail_fade_cell else ""
+    table.add_row("renderer", f"{kind}, {cfg.renderer_lookup} lookup, hidden {cfg.renderer_hidden}, halo {model.halo} px{fade}")
     table.add_row("encoder input", f"{model.config.input_size}x{model.config.input_size}")
     table.add_row("parameters", f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
     state_file = folder / "training_state.json"
@@ -353,7 +370,7 @@ def info(run: Path = typer.Argument(..., help="Run folder, checkpoint folder or 
         step = json.loads(state_file.read_text()).get("__dict__", {}).get("step")
         table.add_row("training step", str(step))
     size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    table.add_row("files", f"{', '.join(sorted(f.name for f in folder.iterdir()))} ({size / 2**20:.1f} MiB)")
+    table.add_row("files", Text(f"{', '.join(sorted(f.name for f in folder.iterdir()))} ({size / 2**20:.1f} MiB)"))
     if folder.name == "autoencoder" and (folder.parent / "model_index.json").is_file():
         _describe_pipeline(table, folder.parent, model)
     Console().print(table)

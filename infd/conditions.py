@@ -34,7 +34,7 @@ from typing import Union
 import torch
 
 from infd.errors import InfdError
-from infd.geometry import Box, Size
+from infd.geometry import Box, Size, check_inside_image
 from infd.images import load_image
 from infd.losses import l1_loss
 
@@ -59,9 +59,7 @@ def check_box(box: Box | tuple | list | str, what: str = "condition") -> Box:
         if len(values) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise InfdError(f"the {what}'s box must be four numbers [y0, x0, y1, x1] in [-1, 1] units, got {box!r}.")
         box = Box(*(float(v) for v in values))
-    if not box.is_inside_image():
-        raise InfdError(f"the {what}'s box {box.as_tuple()} reaches outside the image [-1, 1]²; keep every coordinate in [-1, 1].")
-    return box
+    return check_inside_image(box, f"the {what}'s box")
 
 
 def _check_weight(weight: float, what: str) -> float:

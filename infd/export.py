@@ -39,11 +39,11 @@ from tqdm.auto import tqdm
 
 from infd import geometry
 from infd.errors import InfdError
-from infd.files import atomic_directory, atomic_path
+from infd.files import atomic_directory, atomic_path, check_replaceable
 from infd.geometry import Box, Size, Window
 from infd.images import to_uint8_hwc
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import autocast, check_latent, to_unit_rgb
+from infd.rendering import autocast, check_latent, finished_tile
 
 TILE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 TIFF_COMPRESSIONS = ("deflate", "none")
@@ -97,7 +97,7 @@ class LatentField:
         state = self.state.expand(len(requests), *self.state.shape[1:])  # a view: phi is not copied
         with autocast(self.device, self.dtype):
             rgb = self.model.render_window(state, ys, xs, cell, self.renderer)
-        return to_unit_rgb(rgb)
+        return finished_tile(rgb)
 
     def tiles(self, size: Size, tile: int | Size, box: Box | None = None) -> Iterator[tuple[Window, np.ndarray]]:
         """The H x W grid over `box` tile by tile, row-major: (window, (h, w, 3) uint8)."""
@@ -285,6 +285,17 @@ def dzi_files(path: Path) -> Path:
     return path.with_name(path.stem + "_files")
 
 
+# What an export writes in <name>_files: one folder per level, holding its tiles.
+DZI_TILES_LAYOUT = {r"\d+": {r"\d+_\d+\.(" + "|".join(TILE_FORMATS) + ")": None}}
+
+
+def check_dzi_output(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse to export over an existing `path` or its `_files` folder unless `overwrite` and both are an earlier export's."""
+    path = Path(path)
+    check_replaceable(path, None, overwrite, "infd render")
+    check_replaceable(dzi_files(path), DZI_TILES_LAYOUT, overwrite, "infd render")
+
+
 def export_dzi(
     field: LatentField,
     size: Size,
@@ -294,10 +305,12 @@ def export_dzi(
     tile_format: str = "png",
     batch: int = 4,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DeepZoom:
     """Write a Deep Zoom image: `path` (.dzi descriptor, written last) and its `_files` folder.
 
-    The tiles are those `infd serve` serves for the same field and size.
+    The tiles are those `infd serve` serves for the same field and size. An existing
+    export there is replaced only with `overwrite`, and anything else never (`check_dzi_output`).
     """
     size = check_export_size(size)
     if tile_format not in TILE_FORMATS:
@@ -305,6 +318,7 @@ def export_dzi(
     path = Path(path)
     if path.suffix.lower() != ".dzi":
         raise InfdError(f"a Deep Zoom output must end in .dzi (its tiles go to <name>_files beside it), got '{path}'.")
+    check_dzi_output(path, overwrite)
     zoom = DeepZoom(size, tile_size, overlap)
     tiles = list(zoom.all_tiles())
     with _progress(len(tiles), "export", progress) as bar, _disk_errors(path):

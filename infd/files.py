@@ -3,16 +3,30 @@
 Every writer in infd (images, checkpoints, benchmark results) writes into a temporary
 sibling and renames it into place, so an interrupted run never leaves a half-written
 output that a later run would trust.
+
+Replacing is safe for what a command wrote itself, never for what a user keeps there:
+`check_replaceable` is the one rule a command applies to its folder outputs (an
+`infd invert` folder, a Deep Zoom export) before any work. An existing output is
+replaced only with --overwrite and only when everything in it is what the command
+writes (its `Layout`); an empty folder holds nothing to lose and is always replaced.
+A single-file output (an image, a latent) replaces an earlier file of that name.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from infd.errors import InfdError
+
+# What a command writes in a folder output: entry-name regex -> None for a file, or the
+# Layout of a sub-folder. Anything else found there is the user's, not the command's.
+Layout = dict[str, "Layout | None"]
 
 
 @contextmanager
@@ -110,3 +124,35 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- replacing earlier outputs
+
+
+def check_replaceable(path: str | os.PathLike, layout: Layout | None, overwrite: bool, command: str) -> None:
+    """Refuse, in one sentence, to write `path` over something that exists, unless `overwrite` is
+    given and it is `command`'s own earlier output: a file for `layout` None, else a folder of `layout`."""
+    path = Path(path)
+    if not os.path.lexists(path) or (layout is not None and _is_empty_folder(path)):
+        return
+    if not overwrite:
+        raise InfdError(f"'{path}' already exists; pass --overwrite to replace an earlier `{command}` output there, or choose another --out.")
+    foreign = _foreign_entry(path, layout)
+    if foreign is not None:
+        raise InfdError(f"--overwrite replaces only what `{command}` writes, and '{foreign}' is not that; move it away or choose another --out.")
+
+
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def _foreign_entry(path: Path, layout: Layout | None) -> Path | None:
+    """The first of `path` and the entries under it that `layout` does not describe; None when it describes all."""
+    if path.is_symlink() or path.is_dir() != (layout is not None):
+        return path
+    for entry in sorted(path.iterdir()) if layout is not None else ():
+        pattern = next((p for p in layout if re.fullmatch(p, entry.name)), None)
+        found = entry if pattern is None else _foreign_entry(entry, layout[pattern])
+        if found is not None:
+            return found
+    return None

@@ -12,6 +12,13 @@ are simply anisotropic cells.
 Crops, tiles, boxes, feature lookups and downsampling all go through this module. Pixel
 centers are always computed from integer pixel indices of the *parent* grid, so a tile
 and the whole image agree bit for bit on every shared pixel.
+
+Boxes: every Box is finite, non-empty and within [-MAX_BOX_COORDINATE,
+MAX_BOX_COORDINATE]² (±8, four image widths past each edge). A render may reach
+beyond the image, where the field extends its border (views around the image); what
+refers to the image itself (inversion conditions, the viewer's download of the visible
+view, Lanczos resampling of the fixed head's image) must lie inside [-1, 1]², which
+`check_inside_image` checks.
 """
 
 from __future__ import annotations
@@ -25,10 +32,14 @@ from infd.errors import InfdError
 
 Size = tuple[int, int]  # (height, width) in pixels
 
+# Farthest a box may reach, in image units: far enough for any view around the image,
+# near enough that pixel centers and cells stay well inside float range.
+MAX_BOX_COORDINATE = 8.0
+
 
 @dataclass(frozen=True)
 class Box:
-    """An axis-aligned region of the image domain, in [-1, 1] units, (y0, x0) top-left."""
+    """An axis-aligned region of the field, in image units (the image is [-1, 1]²), (y0, x0) top-left."""
 
     y0: float
     x0: float
@@ -41,6 +52,9 @@ class Box:
             raise InfdError(f"box {values} has a non-finite coordinate.")
         if not (self.y0 < self.y1 and self.x0 < self.x1):
             raise InfdError(f"box {values} is empty: it needs y0 < y1 and x0 < x1.")
+        if max(abs(v) for v in values) > MAX_BOX_COORDINATE:
+            bound = f"{MAX_BOX_COORDINATE:g}"
+            raise InfdError(f"box {values} reaches too far from the image [-1, 1]²; keep every coordinate in [-{bound}, {bound}].")
 
     @classmethod
     def full(cls) -> Box:
@@ -48,14 +62,14 @@ class Box:
 
     @classmethod
     def parse(cls, text: str) -> Box:
-        """Parse "y0,x0,y1,x1" in [-1, 1] units."""
+        """Parse "y0,x0,y1,x1" in image units (the image is [-1, 1]²)."""
         parts = text.replace(" ", "").split(",")
         try:
             values = [float(p) for p in parts]
         except ValueError:
             values = []
         if len(values) != 4:
-            raise InfdError(f"box '{text}' must be four numbers y0,x0,y1,x1 in [-1, 1] units.")
+            raise InfdError(f"box '{text}' must be four numbers y0,x0,y1,x1 in image units (the image is [-1, 1]²).")
         return cls(*values)
 
     @classmethod
@@ -82,6 +96,13 @@ class Box:
 
     def as_tuple(self) -> tuple[float, float, float, float]:
         return (self.y0, self.x0, self.y1, self.x1)
+
+
+def check_inside_image(box: Box, what: str) -> Box:
+    """`box` when it lies inside the image [-1, 1]²; else an InfdError naming it as `what` (e.g. "the view's box")."""
+    if not box.is_inside_image():
+        raise InfdError(f"{what} {box.as_tuple()} reaches outside the image [-1, 1]²; keep every coordinate in [-1, 1].")
+    return box
 
 
 @dataclass(frozen=True)

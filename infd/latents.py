@@ -15,7 +15,9 @@ skipped and counted, never fatal.
 
 A sampled latent (`infd sample`) is one safetensors file holding `z` (1, C, h, w), what
 the autoencoder decodes (already divided by the scaling factor), with the sampling
-settings as metadata; `infd render` renders it again at any size or region.
+settings and the fingerprint of its autoencoder's latent space as metadata; `infd render`
+renders it again at any size or region, and refuses it with an autoencoder of another
+latent space (`load_latent_for`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from infd.errors import InfdError
 from infd.files import atomic_path
 from infd.images import MAX_IMAGE_PIXELS, ImageError, load_image, resize
 from infd.models import NeuralFieldAutoencoder
+from infd.rendering import check_latent
 
 INDEX = "index.json"
 SHARD_NAME = "shard_{:05d}.safetensors"
@@ -45,14 +48,16 @@ CACHE_FORMAT = "infd-latents"
 LATENT_KEY = "z"
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's weights (names, shapes, dtypes and values).
+def weights_fingerprint(model: torch.nn.Module, modules: tuple[str, ...] | None = None) -> str:
+    """A short hash of a model's weights (names, shapes, dtypes and values), or only those of `modules`.
 
     Ties a latent cache or an LDM to the autoencoder that made its latents: latents of
     another autoencoder, even one of the same shape, mean nothing to it.
     """
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
+        if modules is not None and name.split(".", 1)[0] not in modules:
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
@@ -290,6 +295,17 @@ def _encode_shard(autoencoder, inputs, members, names, target, fingerprint, batc
 
 # ---------------------------------------------------------------- single latents
 
+# The modules that decide what a z means: finetuning the decoder or the renderer alone
+# (train-ae --freeze-encoder) keeps them, and so keeps every saved z valid.
+LATENT_SPACE_MODULES = ("encoder", "quant_conv", "quantizer")
+LATENT_SPACE_KEY = "latent_space"  # the metadata entry holding a saved z's latent-space fingerprint
+
+
+def latent_space_fingerprint(autoencoder: NeuralFieldAutoencoder) -> str:
+    """The fingerprint of an autoencoder's latent space, saved with every z it makes (`LATENT_SPACE_KEY`)."""
+    return weights_fingerprint(autoencoder, LATENT_SPACE_MODULES)
+
+
 
 def save_latent(path: str | os.PathLike, z: torch.Tensor, metadata: dict | None = None) -> None:
     """Write z (1, C, h, w) or (C, h, w) as safetensors (atomically); metadata values become strings."""
@@ -313,3 +329,14 @@ def load_latent(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
     except Exception as error:  # safetensors raises its own error types for garbage
         raise InfdError(f"'{path}' is not a latent file written by `infd sample` ({type(error).__name__}).") from None
     return (z[None] if z.ndim == 3 else z), metadata
+
+
+def load_latent_for(autoencoder: NeuralFieldAutoencoder, path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:
+    """`load_latent`, refusing a z this autoencoder cannot render: another shape, NaN, or another latent space."""
+    z, metadata = load_latent(path)
+    z = check_latent(autoencoder, z)
+    recorded = metadata.get(LATENT_SPACE_KEY)
+    if recorded is not None and recorded != latent_space_fingerprint(autoencoder):
+        origin = f" ('{metadata['ckpt']}')" if "ckpt" in metadata else ""
+        raise InfdError(f"'{path}' was made by another autoencoder than this one (their encoders differ), so it would render as noise; pass the checkpoint it came from{origin}.")
+    return z, metadata

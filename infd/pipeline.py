@@ -67,9 +67,7 @@ def lanczos_render(autoencoder: NeuralFieldAutoencoder, z: torch.Tensor, size: S
     z: (B, C, h, w) -> (B, 3, H, W) float32 in [0, 1]. Resampling runs in float per
     channel (PIL mode "F"), so nothing is quantised before the final image.
     """
-    box = box or Box.full()
-    if not box.is_inside_image():
-        raise InfdError(f"Lanczos upsampling needs a box inside the image [-1, 1]², got {box.as_tuple()}.")
+    box = geometry.check_inside_image(box or Box.full(), "the box of a Lanczos-upsampled render")
     native = autoencoder.feature_shape[1:]
     return lanczos_resize(render(autoencoder, z, native, renderer="fixed", tile=None), size, box)
 

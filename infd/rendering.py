@@ -168,6 +168,18 @@ def to_unit_rgb(rgb: torch.Tensor) -> torch.Tensor:
     return ((rgb.float() + 1) / 2).clamp(0, 1).cpu()
 
 
+def finished_tile(rgb: torch.Tensor) -> torch.Tensor:
+    """`to_unit_rgb` of a tile a render returns or writes, refusing NaN or infinite pixels.
+
+    Clamping and quantising would turn them into plausible-looking black or white, so
+    every output (images, exports, viewer tiles) goes through this check before anything
+    is written.
+    """
+    if not torch.isfinite(rgb).all():
+        raise InfdError("the render has NaN or infinite pixels, so nothing was written; the latent does not suit this autoencoder (or its weights are broken).")
+    return to_unit_rgb(rgb)
+
+
 @torch.no_grad()
 def render(
     model: NeuralFieldAutoencoder,
@@ -206,8 +218,7 @@ def render(
     with autocast(param.device, dtype):
         state = model.prepare_render(z, renderer)
         for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
-            rgb = render_window(model, state, box, size, window, renderer)
-            rgb = to_unit_rgb(rgb)
+            rgb = finished_tile(render_window(model, state, box, size, window, renderer))
             if output is None:
                 sink(window, rgb)
             else:

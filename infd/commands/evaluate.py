@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from infd.cli import app, console, reports_errors
+from infd.cli import app, console, report, reports_errors
 from infd.errors import InfdError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
@@ -47,14 +47,14 @@ def eval_ae(
         raise InfdError("--renderer goes with --ckpt; with --model write LABEL=PATH:RENDERER.")
     paths, missing = evaluation.select_images(data, holdout, limit)
     if missing:
-        console.print(f"[yellow]warning:[/] held-out files missing from {data}: {', '.join(missing)}; the numbers are not comparable with a full run.")
+        report("warning:", f"held-out files missing from {data}: {', '.join(missing)}; the numbers are not comparable with a full run.", "yellow")
     target = rendering.pick_device(device)
     models = evaluation.load_models(specs, target)
     lpips = LPIPSMetric(lpips_vgg, target) if lpips_vgg is not None else None
     result = evaluation.evaluate_autoencoders(paths, models, scale_list, tile, torch.bfloat16 if bf16 else None, lpips, strip_crop, progress)
     written = evaluation.write_ae_report(result, out)
     console.print(evaluation.ae_markdown(result), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"[green]wrote[/] {written['json']}, {written['markdown'].name}, {written['plot'].name} and {len(result['strips'])} strips ({result['seconds']:.1f} s)", soft_wrap=True)
+    report("wrote", f"{written['json']}, {written['markdown'].name}, {written['plot'].name} and {len(result['strips'])} strips ({result['seconds']:.1f} s)")
 
 
 @app.command("eval-gen")
@@ -87,4 +87,4 @@ def eval_gen(
     result = evaluation.evaluate_generated(sets, real_paths, scale_list, patch, patches_per_image, seed, inception, device, progress)
     written = evaluation.write_gen_report(result, out)
     console.print(evaluation.gen_markdown(result), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"[green]wrote[/] {written['json']}, {written['markdown'].name}, {written['plot'].name} ({result['seconds']:.1f} s)", soft_wrap=True)
+    report("wrote", f"{written['json']}, {written['markdown'].name}, {written['plot'].name} ({result['seconds']:.1f} s)")

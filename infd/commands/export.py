@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from infd.cli import app, console, reports_errors
+from infd.cli import app, report, reports_errors
 from infd.errors import InfdError
 
 
@@ -56,9 +56,9 @@ def serve(
     )
     web = create_app(service, first, view_h * view_w, str(on))
     if not _is_loopback(host):
-        console.print(f"[yellow]warning:[/] listening on {host}: anyone who can reach this machine can use the viewer.")
+        report("warning:", f"listening on {host}: anyone who can reach this machine can use the viewer.", "yellow")
     shown = f"[{host}]" if ":" in host else host
-    console.print(f"[green]infd viewer[/] at http://{shown}:{port}/ showing {first} (Ctrl-C stops it)")
+    report("infd viewer", f"at http://{shown}:{port}/ showing {first} (Ctrl-C stops it)")
     with service:
         uvicorn.run(web, host=host, port=port, log_level="warning")
 

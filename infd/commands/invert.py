@@ -9,13 +9,18 @@ from typing import List, Optional
 
 import typer
 
-from infd.cli import app, console, reports_errors
+from infd.cli import app, report, reports_errors
 from infd.errors import InfdError
 
 TEXT_HELP = (
     "A text condition BOX:PROMPT, BOX as y0,x0,y1,x1 in [-1, 1] units (e.g. '-1,-1,0,0:a red boat'); "
     "a PROMPT alone covers the whole image. Repeat for several boxes; adds to --spec's conditions."
 )
+# Everything `write_outputs` writes in --out: what --overwrite may replace.
+OUTPUT_LAYOUT = {
+    r"image\.png|z\.safetensors|losses\.json|losses\.png": None,
+    "regions": {r"\d{2,}-[a-z]+(-target)?\.png": None},
+}
 
 
 def parse_text_condition(text: str):
@@ -55,7 +60,7 @@ def load_generator(ckpt: Path, device: str):
 @reports_errors
 def invert_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Pipeline folder or `infd train-ldm` run (both solvers), or an autoencoder alone (solver optimize with the norm prior)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: image.png, z.safetensors, regions/, losses.json, losses.png."),
+    out: Path = typer.Option(..., "--out", help="New (or empty) output folder: image.png, z.safetensors, regions/, losses.json, losses.png."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="JSON spec: canvas, conditions, solver, steps, seed (see examples/)."),
     text: Optional[List[str]] = typer.Option(None, "--text", help=TEXT_HELP),
     size: Optional[str] = typer.Option(None, "--size", help="Canvas (final image) size WIDTHxHEIGHT; overrides the spec's. Default 1024x1024."),
@@ -70,11 +75,14 @@ def invert_command(
     lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="Local VGG16 weights for image conditions with loss lpips."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start z from this image's encoding (optimize with the norm prior)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `infd invert` output at --out (never a folder holding anything else)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Invert conditions on regions (text via CLIP, observations at any resolution, masks) into a latent, rendering only those regions."""
     from infd import geometry, inversion, rendering
+    from infd.files import check_replaceable
 
+    check_replaceable(out, OUTPUT_LAYOUT, overwrite, "infd invert")
     problem = _build_spec(spec, text or [])
     overrides = {"solver": solver, "steps": steps, "seed": seed, "lr": lr, "prior": prior, "guidance_scale": guidance_scale}
     for name, value in overrides.items():
@@ -108,7 +116,7 @@ def invert_command(
     seconds = time.perf_counter() - start
     write_outputs(out, model, problem, result, critics, seconds, str(ckpt))
     finals = ", ".join(f"{c.describe()} {v:.4f}" for c, v in zip(result.conditions, result.final_losses()))
-    console.print(f"[green]wrote[/] {out} ({width}x{height}, {seconds:.1f} s); final losses: {finals}")
+    report("wrote", f"{out} ({width}x{height}, {seconds:.1f} s); final losses: {finals}")
 
 
 def _build_spec(spec_path: Optional[Path], texts: list[str]):
@@ -143,9 +151,8 @@ def write_outputs(out: Path, model, problem, result, critics, seconds: float, ck
     from infd import images
     from infd.files import atomic_directory
     from infd.inversion import render_conditions, spec_to_dict
-    from infd.latents import save_latent
+    from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
     from infd.pipeline import render_to_array
-
     from infd.rendering import render_dtype
 
     canvas = problem.canvas
@@ -153,7 +160,8 @@ def write_outputs(out: Path, model, problem, result, critics, seconds: float, ck
     dtype = render_dtype(next(model.parameters()).device)  # as `infd render` renders the saved z by default
     with atomic_directory(out) as folder:
         images.save_image(render_to_array(model, result.z, canvas, dtype=dtype, progress=False), folder / "image.png")
-        save_latent(folder / "z.safetensors", result.z, {"ckpt": ckpt, "inversion": spec_to_dict(problem)})
+        metadata = {"ckpt": ckpt, "inversion": spec_to_dict(problem), LATENT_SPACE_KEY: latent_space_fingerprint(model)}
+        save_latent(folder / "z.safetensors", result.z, metadata)
         (folder / "regions").mkdir()
         for i, (condition, region) in enumerate(zip(result.conditions, regions)):
             images.save_image(region, folder / "regions" / f"{i:02d}-{condition.kind}.png")

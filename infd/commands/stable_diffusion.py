@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from infd.cli import BOX_HELP, SIZE_HELP, app, console, reports_errors
+from infd.cli import BOX_HELP, SIZE_HELP, app, report, reports_errors
 from infd.errors import InfdError
 
 
@@ -33,11 +33,11 @@ def convert_vae(
     model = convert(vae, out, input_size, scaling_factor, renderer_hidden, renderer_blocks, freeze_encoder, freeze_decoder)
     c, h, w = model.latent_shape
     s = model.config.input_size
-    console.print(
-        f"[green]wrote[/] {out}: z {c}x{h}x{w} from {s}x{s}, phi {'x'.join(map(str, model.feature_shape))}, "
+    report(
+        "wrote",
+        f"{out}: z {c}x{h}x{w} from {s}x{s}, phi {'x'.join(map(str, model.feature_shape))}, "
         f"scaling factor {model.config.scaling_factor:g}; finetune with\n"
         f"  infd train-ae --config {out / FINETUNE_CONFIG} --data DIR --out RUN",
-        soft_wrap=True,
     )
 
 
@@ -66,7 +66,7 @@ def txt2img(
 
     from infd import geometry, images, rendering
     from infd.diffusion import SAMPLERS
-    from infd.latents import save_latent
+    from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
     from infd.pipeline import render_to_array
     from infd.sd_pipeline import load_sd_pipeline
 
@@ -87,13 +87,14 @@ def txt2img(
     pipe.set_progress_bar_config(desc="denoising", leave=False)
     dtype = torch.bfloat16 if bf16 else None  # the UNet's precision
     render_dtype = rendering.render_dtype(next(pipe.autoencoder.parameters()).device, bf16)
+    latent_space = latent_space_fingerprint(pipe.autoencoder)
     start = time.perf_counter()
     names = [out] if n == 1 else [out.with_name(f"{out.stem}_{i:04d}{out.suffix}") for i in range(n)]
     for i, name in enumerate(names):
         generator = torch.Generator().manual_seed(seed + i)
         z = pipe.sample_latents(prompt, negative_prompt, steps, guidance, generator, dtype=dtype)
         metadata = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + i, "steps": steps, "guidance": guidance, "sd": str(sd)}
-        save_latent(name.with_suffix(".z.safetensors"), z, metadata)
         pixels = render_to_array(pipe.autoencoder, z, (height, width), region, renderer, tile=tile, dtype=render_dtype, progress=True)
         images.save_image(pixels, name)
-    console.print(f"[green]wrote[/] {n} image(s) of {width}x{height} to {', '.join(map(str, names[:3]))}{' ...' if n > 3 else ''} ({time.perf_counter() - start:.1f} s)")
+        save_latent(name.with_suffix(".z.safetensors"), z, {**metadata, LATENT_SPACE_KEY: latent_space})
+    report("wrote", f"{n} image(s) of {width}x{height} to {', '.join(map(str, names[:3]))}{' ...' if n > 3 else ''} ({time.perf_counter() - start:.1f} s)")

@@ -49,6 +49,11 @@ def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW
         problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in error.errors())
         return JSONResponse({"detail": f"bad request ({problems})."}, status_code=400)
 
+    @app.exception_handler(InfdError)
+    async def render_failed(request: Request, error: InfdError) -> JSONResponse:
+        """A tile or view that cannot be rendered (e.g. NaN pixels): its one sentence, not a bare 500."""
+        return JSONResponse({"detail": str(error)}, status_code=500)
+
     async def wait(future):
         return await asyncio.wrap_future(future)
 
@@ -114,12 +119,10 @@ def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW
     async def view(z: str, box: str = "-1,-1,1,1", size: str = "1024") -> Response:
         check_latent(z)
         try:
-            region = Box.parse(box)
+            region = geometry.check_inside_image(Box.parse(box), "the view's box")
             height, width = geometry.parse_size(size)
         except InfdError as error:
             raise HTTPException(400, str(error)) from None
-        if not region.is_inside_image():
-            raise HTTPException(400, f"box {region.as_tuple()} reaches outside the image [-1, 1]²; clamp it to the image.")
         if height * width > max_view_pixels:
             raise HTTPException(400, f"{width}x{height} is more than the {max_view_pixels} pixels a view may have here; use `infd render --box` for larger ones.")
         try:
@@ -132,7 +135,7 @@ def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW
 
     @app.get("/api/z/{zid}.safetensors")
     async def latent_file(zid: str) -> Response:
-        from infd.latents import save_latent
+        from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
 
         check_latent(zid)
         try:
@@ -141,7 +144,8 @@ def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW
             raise HTTPException(503, str(error), headers={"Retry-After": "1"}) from None
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "z.safetensors"
-            save_latent(path, latent.z, {"zid": zid, "label": latent.label, "reproduce": latent.reproduce})
+            metadata = {"zid": zid, "label": latent.label, "reproduce": latent.reproduce, LATENT_SPACE_KEY: latent_space_fingerprint(service.model)}
+            save_latent(path, latent.z, metadata)
             data = path.read_bytes()
         headers = {"Content-Disposition": f'attachment; filename="{zid}.z.safetensors"'}
         return Response(data, media_type="application/octet-stream", headers=headers)

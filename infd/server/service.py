@@ -449,15 +449,9 @@ def open_latents(
 
     from infd.diffusion import SAMPLERS, check_sampling
     from infd.images import image_size
-    from infd.latents import load_latent
+    from infd.latents import load_latent_for
     from infd.pipeline import find_pipeline, load_pipeline
-    from infd.rendering import (
-        check_latent,
-        encode,
-        find_checkpoint,
-        load_autoencoder,
-        pick_device,
-    )
+    from infd.rendering import encode, find_checkpoint, load_autoencoder, pick_device
 
     if sum(x is not None for x in (z_file, image, seed)) > 1:
         raise InfdError("pass at most one of --z, --image and --seed.")
@@ -481,8 +475,7 @@ def open_latents(
     square = size or (DEFAULT_VIRTUAL_SIDE, DEFAULT_VIRTUAL_SIDE)
     book = LatentBook(pipe, square, steps, sampler, str(ckpt), dtype)
     if z_file is not None:
-        z, metadata = load_latent(z_file)
-        z = check_latent(model, z)
+        z, metadata = load_latent_for(model, z_file)
         if z.shape[0] != 1:
             raise InfdError(f"'{z_file}' holds {z.shape[0]} latents; the viewer shows one.")
         label = Path(z_file).name + (f" (seed {metadata['seed']})" if "seed" in metadata else "")

@@ -1,0 +1,64 @@
+"""Ship an `infd train-ldm` checkpoint: the pipeline folder in fp16, without training state.
+
+    python scripts/export_pipeline.py runs/wallpapers/ldm weights/wallpapers [--autoencoder weights/demo-ae]
+
+Writes OUT (model_index.json, autoencoder/, unet/, scheduler/: config JSON + fp16
+safetensors) through a temporary folder renamed at the end, replacing OUT. With
+--autoencoder also writes the autoencoder alone there, the same fp16 weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from infd.files import atomic_directory
+from infd.pipeline import load_pipeline
+
+
+def replace_with(path: Path, write) -> None:
+    """Write a folder with `write(tmp)` and put it at `path`, replacing what was there."""
+    staging = path.with_name(path.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    with atomic_directory(staging) as tmp:
+        write(Path(tmp))
+    if path.exists():
+        shutil.rmtree(path)
+    staging.rename(path)
+
+
+def tidy(folder: Path) -> None:
+    """Ordinary file permissions (safetensors writes 0600) and no machine-local paths in the configs."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o644)
+        if path.suffix == ".json":
+            config = json.loads(path.read_text())
+            if config.pop("_name_or_path", None) is not None:
+                path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def save(model, tmp: Path) -> None:
+    model.save_pretrained(tmp, safe_serialization=True)
+    tidy(tmp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ckpt", type=Path, help="An LDM run (its newest checkpoint) or one of its checkpoints.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--autoencoder", type=Path, default=None)
+    args = parser.parse_args()
+    pipe = load_pipeline(args.ckpt).to(dtype=torch.float16)
+    replace_with(args.out, lambda tmp: save(pipe, tmp))
+    if args.autoencoder is not None:
+        replace_with(args.autoencoder, lambda tmp: save(pipe.autoencoder, tmp))
+    print(f"wrote {args.out}" + (f" and {args.autoencoder}" if args.autoencoder else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,10 @@ import functools
 import importlib
 import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -49,12 +52,13 @@ def report(label: str, message: str, style: str = "green") -> None:
 
 
 def reports_errors(command):
-    """Turn InfdError (and Ctrl-C) into one line on stderr and exit status 1."""
+    """Turn InfdError into one line on stderr and exit status 1, and Ctrl-C or SIGTERM into status 130."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return command(*args, **kwargs)
         except InfdError as error:
             report("error:", str(error), "bold red")
             raise typer.Exit(1) from None
@@ -63,6 +67,23 @@ def reports_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """Handle SIGTERM (`kill`, `timeout`, job schedulers) like Ctrl-C, so atomic writers remove their temporaries."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _override(config, **options) -> None:
@@ -93,8 +114,10 @@ def train_ae(
 ):
     """Train a neural-field autoencoder on mixed-resolution images (runs under `accelerate launch` too)."""
     from infd.data import WALLPAPER_HOLDOUT
+    from infd.files import check_output_path
     from infd.train_ae import AETrainConfig, train_autoencoder
 
+    check_output_path(out, folder=True)
     cfg = AETrainConfig.load(config) if config else AETrainConfig()
     _override(
         cfg, steps=steps, batch_size=batch_size, lr=lr, init=init, lpips_vgg=lpips_vgg, time_limit=time_limit,
@@ -121,7 +144,9 @@ def reconstruct(
     import torch
 
     from infd import geometry, images, rendering
+    from infd.files import check_output_path
 
+    check_output_path(out)
     out_size = geometry.parse_size(size) if size else None
     region = geometry.Box.parse(box) if box else None
     if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
@@ -157,8 +182,10 @@ def encode_latents(
     """Encode every image of a folder once into a latent cache for `infd train-ldm`."""
     from infd import rendering
     from infd.data import WALLPAPER_HOLDOUT
+    from infd.files import check_output_path
     from infd.latents import encode_folder
 
+    check_output_path(out, folder=True)
     model = rendering.load_autoencoder(ae, rendering.pick_device(device))
     start = time.perf_counter()
     cache = encode_folder(model, data, out, shard_size, batch_size, num_workers, WALLPAPER_HOLDOUT if holdout else (), progress)
@@ -187,8 +214,10 @@ def train_ldm(
     """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""
     from infd.data import WALLPAPER_HOLDOUT
     from infd.train_ldm import LDMTrainConfig
+    from infd.files import check_output_path
     from infd.train_ldm import train_ldm as train
 
+    check_output_path(out, folder=True)
     cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
     _override(cfg, steps=steps, batch_size=batch_size, lr=lr, time_limit=time_limit)
     last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
@@ -241,12 +270,15 @@ def sample(
     from tqdm.auto import tqdm
 
     from infd import images, rendering
-    from infd.diffusion import SAMPLERS, check_sampling
+    from infd.diffusion import SAMPLERS, check_sampling, check_seed
+    from infd.files import check_output_path
     from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
     from infd.pipeline import find_pipeline, load_pipeline, render_to_array
 
+    check_output_path(out, folder=True)
     if n <= 0 or batch_size <= 0:
         raise InfdError(f"--n and --batch-size must be positive, got {n} and {batch_size}.")
+    check_seed(seed, n)
     if sampler not in SAMPLERS:
         raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     sizes, region = _render_options(size or [], box, renderer, upsample)
@@ -311,6 +343,7 @@ def render_latent(
     import torch
 
     from infd import export, geometry, images, rendering
+    from infd.files import check_output_path
     from infd.latents import load_latent_for
     from infd.pipeline import render_to_array
 
@@ -322,6 +355,7 @@ def render_latent(
     streamed = kind is not None and upsample != "lanczos"
     if kind == "dzi" and not streamed:
         raise InfdError("Deep Zoom outputs are rendered tile by tile, which Lanczos upsampling cannot do; use --upsample bicubic.")
+    check_output_path(out)
     if kind == "dzi":
         export.check_dzi_output(out, overwrite)
     sizes, region = _render_options([size] if size and not streamed else [], box, renderer, upsample)

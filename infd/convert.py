@@ -23,6 +23,7 @@ per latent at phi's resolution, before any tiling, so rendering stays seam-free.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from infd.errors import InfdError, first_line
-from infd.files import atomic_directory
+from infd.files import atomic_directory, check_output_path, check_replaceable
 from infd.models import NeuralFieldAutoencoder
 from infd.train_ae import AETrainConfig
 
@@ -232,6 +233,10 @@ def finetune_config(model: NeuralFieldAutoencoder, init: str | Path, freeze_enco
     )
 
 
+# What `convert_vae` writes in its --out: what --overwrite may replace.
+CONVERTED_LAYOUT = {r"config\.json|" + re.escape(FINETUNE_CONFIG) + r"|[\w.-]+\.safetensors": None}
+
+
 def convert_vae(
     source: str | Path,
     out: str | Path,
@@ -241,15 +246,21 @@ def convert_vae(
     renderer_blocks: int = 2,
     freeze_encoder: bool = True,
     freeze_decoder: bool = False,
+    overwrite: bool = False,
 ) -> NeuralFieldAutoencoder:
     """Convert the autoencoder at `source` and write it to `out` (atomically).
 
     `out` is a checkpoint folder (config.json + safetensors) that every `--ckpt`/`--ae`/
     `--init` accepts, with `finetune.json`, the training config to continue from it.
+    An earlier conversion there is replaced only with `overwrite`, anything else never.
     """
     out = Path(out)
-    if out.exists():
-        raise InfdError(f"'{out}' already exists; choose a new --out.")
+    check_output_path(out, folder=True)
+    check_replaceable(out, CONVERTED_LAYOUT, overwrite, "infd convert-vae")
+    if scaling_factor is not None and not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise InfdError(f"the scaling factor must be a positive finite number, got {scaling_factor}.")
+    if input_size is not None and input_size <= 0:
+        raise InfdError(f"the input size must be a positive number of pixels, got {input_size}.")
     model = convert_autoencoder(load_ldm_autoencoder(source, scaling_factor), input_size, renderer_hidden, renderer_blocks)
     config = finetune_config(model, out.resolve(), freeze_encoder, freeze_decoder)
     with atomic_directory(out) as tmp:

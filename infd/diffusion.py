@@ -91,6 +91,15 @@ def check_sampling(scheduler: SchedulerMixin, num_inference_steps: int, eta: flo
 # ---------------------------------------------------------------- training
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds
+
+
+def check_seed(seed: int, count: int = 1, what: str = "--seed") -> None:
+    """Refuse a seed (or a run of `count` seeds from it) that a torch generator cannot take."""
+    if not 0 <= seed <= MAX_SEED - (count - 1):
+        raise InfdError(f"{what} must be a whole number from 0 to {MAX_SEED - (count - 1)}, got {seed}.")
+
+
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to predict from x_t: the noise (epsilon) or v = a_t noise - s_t x0."""
     kind = scheduler.config.prediction_type

@@ -22,8 +22,6 @@ max_level is the full size and level 0 is one pixel; each level is cut into tile
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -215,16 +213,6 @@ def check_export_size(size: Size) -> Size:
     return h, w
 
 
-@contextlib.contextmanager
-def _disk_errors(path: Path) -> Iterator[None]:
-    try:
-        yield
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InfdError(f"the disk filled up while writing {path}; nothing was left behind: free some space or export a smaller --size.") from None
-        raise
-
-
 def _progress(total: int, what: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=what, unit="tile", disable=not progress, dynamic_ncols=True)
 
@@ -252,7 +240,7 @@ def export_tiff(
     compresses a bounded number of them at a time), so memory is flat in the output size.
     """
     size = check_export_size(size)
-    if tile < 16 or tile % 16:
+    if geometry.check_tile(tile) < 16 or tile % 16:
         raise InfdError(f"TIFF tiles must be a multiple of 16 pixels, got {tile}.")
     if compression not in TIFF_COMPRESSIONS:
         raise InfdError(f"unknown TIFF compression '{compression}'; choose one of {', '.join(TIFF_COMPRESSIONS)}.")
@@ -273,7 +261,7 @@ def export_tiff(
             bar.update(1)  # before the yield: tifffile never resumes the generator after a level's last tile
             yield array
 
-    with bar, _disk_errors(path), atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
+    with bar, atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tiff:
         for index, level in enumerate(levels):
             extra = {"subifds": len(levels) - 1} if index == 0 else {"subfiletype": 1}
             tiff.write(pixels(level), shape=(*level, 3), dtype=np.uint8, **options, **extra)
@@ -321,7 +309,7 @@ def export_dzi(
     check_dzi_output(path, overwrite)
     zoom = DeepZoom(size, tile_size, overlap)
     tiles = list(zoom.all_tiles())
-    with _progress(len(tiles), "export", progress) as bar, _disk_errors(path):
+    with _progress(len(tiles), "export", progress) as bar:
         with atomic_directory(dzi_files(path)) as folder:
             for level in range(zoom.max_level + 1):
                 (folder / str(level)).mkdir()
@@ -370,7 +358,7 @@ def export_png(field: LatentField, size: Size, path: str | Path, tile: int = 512
     path = Path(path)
     windows = geometry.tiles((h, w), tile)
     band = np.empty((min(tile, h), w, 3), dtype=np.uint8)
-    with _progress(len(windows), "export", progress) as bar, _disk_errors(path), atomic_path(path) as tmp:
+    with _progress(len(windows), "export", progress) as bar, atomic_path(path) as tmp:
         with open(tmp, "wb") as file:
             png = PNGStream(file, (h, w))
             for window, pixels in field.tiles((h, w), tile):

@@ -35,6 +35,8 @@ Size = tuple[int, int]  # (height, width) in pixels
 # Farthest a box may reach, in image units: far enough for any view around the image,
 # near enough that pixel centers and cells stay well inside float range.
 MAX_BOX_COORDINATE = 8.0
+# The largest render or TIFF tile: a tile's buffers (features, pixels) must fit in memory.
+MAX_TILE = 4096
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,14 @@ def window_box(box: Box, size: Size, window: Window) -> Box:
         box.y0 + (window.top + window.height) * cy,
         box.x0 + (window.left + window.width) * cx,
     )
+
+
+def check_tile(tile: int | Size) -> int | Size:
+    """Refuse a tile (a side, or height and width) that is not whole numbers of pixels from 1 to MAX_TILE."""
+    for side in (tile,) if isinstance(tile, int) else tile:
+        if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_TILE:
+            raise InfdError(f"the tile size must be from 1 to {MAX_TILE} pixels, got {tile}.")
+    return tile
 
 
 def tiles(size: Size, tile: int | Size) -> list[Window]:

@@ -8,6 +8,7 @@ hit with a file (missing, not an image, truncated, too small, too large) is an
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import warnings
@@ -83,10 +84,22 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 def _existing_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
-        raise ImageError(f"{path} does not exist.", "missing")
+        raise ImageError(_why_missing(path), "missing")
     if not path.is_file():
         raise ImageError(f"{path} is not a file.", "unreadable")
     return path
+
+
+def _why_missing(path: Path) -> str:
+    """Why `path` cannot be opened: absent, a broken symbolic link, or a loop of links."""
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path} is a loop of symbolic links; point it at an image."
+    if os.path.islink(path):
+        return f"{path} is a symbolic link to {os.readlink(path)}, which does not exist."
+    return f"{path} does not exist."
 
 
 def _check_dimensions(path: Path, size: Size, max_pixels: int) -> None:
@@ -99,7 +112,7 @@ def _check_dimensions(path: Path, size: Size, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageError(
             f"{path} has {width}x{height} = {height * width} pixels, more than the cap of {max_pixels} "
-            f"that guards against decompression bombs; pass a larger max_pixels if you trust the file.",
+            f"that guards against decompression bombs; downscale the file first if you trust it.",
             "too many pixels",
         )
 

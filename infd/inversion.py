@@ -46,6 +46,7 @@ from infd.conditions import (
     condition_from_dict,
     condition_to_dict,
 )
+from infd.diffusion import check_seed
 from infd.errors import InfdError
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
@@ -85,6 +86,7 @@ class SolverConfig:
                 raise InfdError(f"{name} must be a whole number >= 1, got {value!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InfdError(f"seed must be a whole number, got {self.seed!r}.")
+        check_seed(self.seed, what="seed")
         for name in ("lr", "prior_weight", "guidance_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -166,6 +168,8 @@ def load_spec(path: str | Path) -> InversionSpec:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InfdError(f"spec file '{path}' is not valid JSON ({error}).") from None
+    except RecursionError:
+        raise InfdError(f"spec file '{path}' nests lists or objects too deeply to be a spec (see examples/).") from None
     return spec_from_dict(data, path.parent)
 
 
@@ -315,6 +319,21 @@ def resolve_prior(config: SolverConfig, pipeline) -> str:
     if config.prior == "ddim" and pipeline is None:
         raise InfdError("the ddim prior needs a diffusion model: pass a pipeline folder (an `infd train-ldm` run), or use prior 'norm'.")
     return config.prior
+
+
+MAX_CONDITIONS = 64  # each condition renders its region at every step
+MAX_TEXT_ASPECT = 16  # a text region is scored by CLIP windows along its long side: at most this many
+
+
+def check_bounds(spec: InversionSpec) -> None:
+    """Refuse, before any work, a spec whose regions would cost unbounded renders (too many, or too thin)."""
+    if len(spec.conditions) > MAX_CONDITIONS:
+        raise InfdError(f"the spec has {len(spec.conditions)} conditions, more than the {MAX_CONDITIONS} one inversion may have; merge or drop some.")
+    for condition in spec.conditions:
+        if isinstance(condition, TextRegion):
+            height, width = condition.box.height * spec.canvas[0], condition.box.width * spec.canvas[1]
+            if max(height, width) > MAX_TEXT_ASPECT * min(height, width):
+                raise InfdError(f"the box of {condition.describe()} is more than {MAX_TEXT_ASPECT} times longer than wide on the canvas; give it a squarer box.")
 
 
 def check_solvable(config: SolverConfig, pipeline, has_init: bool) -> None:

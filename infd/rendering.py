@@ -12,6 +12,7 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -67,6 +68,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> NeuralFieldAutoencoder:
     folder = find_checkpoint(path)
+    _check_model_kind(folder)
     try:
         model = NeuralFieldAutoencoder.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -74,6 +76,16 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Ne
         raise InfdError(f"could not load the autoencoder from '{folder}': {reason}") from None
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
+
+
+def _check_model_kind(folder: Path) -> None:
+    """Refuse, in one sentence, a checkpoint of another model (a UNet, a VAE) before loading it."""
+    try:
+        kind = json.loads((folder / "config.json").read_text()).get("_class_name", NeuralFieldAutoencoder.__name__)
+    except (OSError, ValueError, AttributeError):
+        raise InfdError(f"'{folder / 'config.json'}' is not a readable JSON object; pass an autoencoder checkpoint folder.") from None
+    if kind != NeuralFieldAutoencoder.__name__:
+        raise InfdError(f"'{folder}' holds a {kind}, not an infd autoencoder; pass a run, pipeline or autoencoder checkpoint folder.")
 
 
 def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -213,7 +225,7 @@ def render(
             f"a {w}x{h} render of {b} image(s) would need {gib:.1f} GiB in memory; "
             "pass a sink (e.g. infd.rendering.ArraySink over a numpy memmap) or a smaller size."
         )
-    windows = geometry.tiles(size, tile or size)
+    windows = geometry.tiles(size, size if tile is None else geometry.check_tile(tile))
     output = None if sink is not None else torch.empty(b, 3, h, w)
     with autocast(param.device, dtype):
         state = model.prepare_render(z, renderer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import encode, find_checkpoint, render_window, to_unit_rgb
-from infd.training import StepTrainer, check_common_options, step_loader
+from infd.training import StepTrainer, check_common_options, check_option_types, step_loader
 
 MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -89,11 +90,16 @@ class AETrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        check_option_types(cls, values)
         values = dict(values)
         data = values.pop("data", {})
         data_names = {f.name for f in dataclasses.fields(DataConfig)}
         if set(data) - data_names:
             raise InfdError(f"unknown data option(s) {', '.join(sorted(set(data) - data_names))}; known: {', '.join(sorted(data_names))}.")
+        check_option_types(DataConfig, data)
+        model_names = set(inspect.signature(NeuralFieldAutoencoder.__init__).parameters) - {"self", "input_size"}
+        if set(values.get("model", {})) - model_names:
+            raise InfdError(f"unknown model option(s) {', '.join(sorted(set(values['model']) - model_names))}; known: {', '.join(sorted(model_names))}.")
         if "adam_betas" in values:
             values["adam_betas"] = tuple(values["adam_betas"])
         return cls(data=DataConfig(**data), **values)
@@ -107,16 +113,21 @@ class AETrainConfig:
 
     def validate(self) -> None:
         check_common_options(self)
+        if self.lpips_vgg and self.perceptual not in ("auto", "lpips"):
+            raise InfdError(f"lpips_vgg (--lpips-vgg) is given but the config's perceptual loss is '{self.perceptual}'; set \"perceptual\" to \"lpips\" or \"auto\" to train with LPIPS.")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The JSON object in a training config file; a missing or malformed file is an InfdError."""
     try:
-        return json.loads(Path(path).read_text())
+        values = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise InfdError(f"config file '{path}' does not exist.") from None
     except json.JSONDecodeError as error:
         raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    if not isinstance(values, dict):
+        raise InfdError(f"config file '{path}' must hold a JSON object of training options, like the files in configs/.")
+    return values
 
 
 def checkpoint_dirs(run: Path, marker: str = "config.json") -> list[Path]:

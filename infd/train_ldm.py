@@ -60,7 +60,7 @@ from infd.latents import (
 from infd.pipeline import INFDPipeline
 from infd.rendering import load_autoencoder, render
 from infd.train_ae import MODEL_WEIGHTS, checkpoint_dirs, ema_weights, read_config_file
-from infd.training import StepTrainer, check_common_options, step_loader
+from infd.training import StepTrainer, check_common_options, check_option_types, step_loader
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class LDMTrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        check_option_types(cls, values)
         values = dict(values)
         for name in ("adam_betas", "sample_sizes"):
             if name in values:

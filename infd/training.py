@@ -8,10 +8,12 @@ provides `batches()`, `train_step(batch) -> logs`, `write_samples()`, `save()` a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,6 +39,37 @@ def check_common_options(config) -> None:
         raise InfdError(f"time_limit {config.time_limit} must be a number of minutes >= 0 (0: no limit).")
 
 
+def check_option_types(cls, values: dict[str, Any]) -> None:
+    """Refuse, naming the option, a config value of another kind than its default (`{"lr": "fast"}`)."""
+    for option in dataclasses.fields(cls):
+        default = _default(option)
+        if option.name in values and default is not None and not _same_kind(values[option.name], default):
+            raise InfdError(f"training option {option.name} must be {_kind_name(default)}, got {json.dumps(values[option.name])}.")
+
+
+def _default(option: dataclasses.Field) -> Any:
+    if option.default is not dataclasses.MISSING:
+        return option.default
+    return option.default_factory() if option.default_factory is not dataclasses.MISSING else None
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    if isinstance(default, dict) or dataclasses.is_dataclass(default):
+        return isinstance(value, dict)
+    return isinstance(value, type(default))
+
+
+def _kind_name(default: Any) -> str:
+    kinds = {bool: "true or false", int: "a whole number", float: "a number", str: "a string", tuple: "a list", list: "a list"}
+    return kinds.get(type(default), "a JSON object")
+
+
 def _one_thread_per_worker(_: int) -> None:
     # Workers that also use every core oversubscribe the CPU with the training process;
     # OpenMP's spinning then slows both many times over on small machines.
@@ -54,6 +87,23 @@ def step_loader(dataset, sampler, num_workers: int, seed: int):
         generator=torch.Generator().manual_seed(seed),  # keeps the global RNG untouched
     )
     return iter(loader)
+
+
+def drop_log_after(path: Path, step: int) -> None:
+    """Drop the records of steps after `step` (the checkpoint a run resumes from), and a line cut short by a kill,
+    so that a resumed run logs each step once."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True) if _logged_step(line) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line.rstrip("\n") + "\n" for line in kept))
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class StepTrainer:
@@ -79,6 +129,7 @@ class StepTrainer:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.out / "train_config.json") as tmp:
                 tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
+            drop_log_after(self.out / "log.jsonl", self.step)
         self.training_module().train()
         batches = self.batches()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.name, disable=not (self.progress and accelerator.is_main_process))

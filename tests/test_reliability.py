@@ -215,3 +215,163 @@ def test_the_projects_own_bracketed_words_survive_in_messages(ae, tmp_path):
     spec.write_text(json.dumps({"canvas": [1, 2, 3], "conditions": [{"type": "text", "box": [-1, -1, 1, 1], "prompt": "x"}]}))
     assert_refused(invoke("invert", "--ckpt", ckpt, "--spec", spec, "--out", tmp_path / "o"), "[height, width]")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- 3. bounded work
+
+
+def test_a_tiff_tile_past_the_bound_is_refused_before_allocating(ae, tmp_path):
+    _, ckpt, z_file, _ = ae
+    result = invoke("render", z_file, "--ckpt", ckpt, "--out", tmp_path / "x.tif", "--tile", 2**20, "--no-progress")
+    assert_refused(result, "the tile size must be from 1 to 4096 pixels, got 1048576.")
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_invert_refuses_a_thin_text_box_and_too_many_regions_before_loading(tmp_path):
+    base = ["invert", "--ckpt", tmp_path / "none", "--out", tmp_path / "out", "--size", "64"]
+    assert_refused(invoke(*base, "--text", "0,-1,1e-9,1:boat"), "more than 16 times longer than wide on the canvas")
+    spec = {"conditions": [{"type": "text", "box": [-1, -1, 1, 1], "prompt": f"thing {i}"} for i in range(65)]}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    assert_refused(invoke(*base, "--spec", tmp_path / "spec.json"), "the spec has 65 conditions, more than the 64 one inversion may have")
+
+
+# ---------------------------------------------------------------- 5. hidden partial files
+
+
+def test_sigterm_is_handled_like_ctrl_c_and_removes_the_temporary(tmp_path):
+    import os
+    import signal
+
+    from infd.cli import sigterm_as_interrupt
+    from infd.files import atomic_path
+
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt(), atomic_path(tmp_path / "out.png") as tmp:
+        tmp.write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_temporaries_of_killed_writers_are_cleared_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from infd.files import atomic_path
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale_file, stale_folder = tmp_path / f".out.tmp-{dead}-0123abcd.png", tmp_path / f".step_00010.tmp-{dead}-89abcdef"
+    recent, live = tmp_path / f".other.tmp-{dead}-00000000.png", tmp_path / f".live.tmp-{os.getpid()}-11111111.png"
+    user = tmp_path / ".notes.tmp-1-x.txt"  # not our naming
+    stale_file.write_bytes(b"half")
+    (stale_folder / "sub").mkdir(parents=True)
+    for path in (recent, live, user):
+        path.write_bytes(b"x")
+    for path in (stale_file, stale_folder, live, user):
+        os.utime(path, (0, 0))
+    with atomic_path(tmp_path / "new.png") as tmp:
+        tmp.write_bytes(b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, live.name, user.name, "new.png"])
+
+
+# ---------------------------------------------------------------- 6. one sentence, before the work
+
+
+def test_a_full_disk_is_one_sentence_and_leaves_nothing(monkeypatch, tmp_path):
+    import errno
+
+    from PIL import Image
+
+    from infd.images import save_image
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    with pytest.raises(InfdError, match="the disk filled up while writing"):
+        save_image(torch.zeros(3, 8, 8), tmp_path / "out.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": "fast"}, 'training option lr must be a number, got "fast".'),
+        ({"model": {"latent_chanels": 4}}, "unknown model option(s) latent_chanels; known: "),
+        ({"data": {"input_size": [1]}}, "training option input_size must be a whole number, got [1]."),
+    ],
+)
+def test_training_configs_of_the_wrong_shape_are_named_in_one_sentence(values, message):
+    from infd.train_ae import AETrainConfig
+
+    with pytest.raises(InfdError) as error:
+        AETrainConfig.from_dict(values)
+    assert message in str(error.value)
+
+
+def test_convert_vae_never_replaces_a_folder_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_refused(invoke("convert-vae", "--vae", tmp_path / "none", "--out", out), f"'{out}' already exists; pass --overwrite")
+    result = invoke("convert-vae", "--vae", tmp_path / "none", "--out", out, "--overwrite")
+    assert_refused(result, f"--overwrite replaces only what `infd convert-vae` writes, and '{out / 'notes.txt'}' is not that")
+    assert snapshot(out) == {"notes.txt": b"keep me"}
+
+
+def test_sample_refuses_a_seed_past_64_bits_before_loading(tmp_path):
+    result = invoke("sample", "--ckpt", tmp_path / "none", "--out", tmp_path / "out", "--n", 2, "--seed", 2**64 - 1)
+    assert_refused(result, f"--seed must be a whole number from 0 to {2**64 - 2}, got {2**64 - 1}.")
+
+
+# ---------------------------------------------------------------- 8. small gaps
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--scaling-factor", "nan"], "the scaling factor must be a positive finite number, got nan."),
+        (["--input-size", "0"], "the input size must be a positive number of pixels, got 0."),
+    ],
+)
+def test_convert_vae_refuses_meaningless_numbers(tmp_path, options, message):
+    assert_refused(invoke("convert-vae", "--vae", tmp_path / "none", "--out", tmp_path / "out", *options), message)
+
+
+def test_a_tile_of_zero_is_refused_like_a_negative_one_or_a_huge_one(ae, tmp_path):
+    _, ckpt, _, image = ae
+    for tile in (0, -1, 2**20):
+        assert_refused(invoke("reconstruct", image, "--ckpt", ckpt, "--out", tmp_path / "out.png", "--tile", tile), "tile size")
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_serve_refuses_a_negative_cache(tmp_path):
+    assert_refused(invoke("serve", "--ckpt", tmp_path / "none", "--cache-mib=-1"), "--cache-mib must be 0 (no cache) or more, got -1.")
+
+
+def test_lpips_weights_with_another_perceptual_loss_are_refused():
+    from infd.train_ae import AETrainConfig
+
+    with pytest.raises(InfdError, match='set "perceptual" to "lpips" or "auto"'):
+        AETrainConfig.from_dict({"perceptual": "ffl", "lpips_vgg": "vgg.pth"}).validate()
+
+
+def test_a_symlink_loop_is_reported_as_one(tmp_path):
+    from infd.images import ImageError, load_image
+
+    (tmp_path / "a.png").symlink_to(tmp_path / "b.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    with pytest.raises(ImageError, match="is a loop of symbolic links"):
+        load_image(tmp_path / "a.png")
+    with pytest.raises(ImageError, match="which does not exist"):
+        load_image(tmp_path / "gone.png")
+
+
+def test_resuming_drops_log_records_after_the_checkpoint(tmp_path):
+    from infd.training import drop_log_after
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 10, "l1": 1}\n{"step": 20, "l1": 0.5}\n{"step": 20, "stopped": "time_limit"}\n{"step": 30, "l1": 0.4}\n{"step": 4')
+    drop_log_after(log, 20)
+    assert log.read_text() == '{"step": 10, "l1": 1}\n{"step": 20, "l1": 0.5}\n{"step": 20, "stopped": "time_limit"}\n'

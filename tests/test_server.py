@@ -127,6 +127,7 @@ def test_a_full_queue_answers_503_and_recovers(make_tiny_model):
         ("/static/../pyproject.toml", 404),
         ("/api/view?z=ZID&size=0x5", 400),
         ("/api/view?z=ZID&size=100000x100000", 400),
+        ("/api/view?z=ZID&size=1x16777216", 400),  # within the pixel cap, but thousands of tiles
         ("/api/view?z=ZID&size=lots", 400),
         ("/api/view?z=ZID&box=0,0,2,2", 400),
         ("/api/view?z=ZID&box=1,1,0,0", 400),
@@ -195,9 +196,11 @@ def test_serve_binds_to_loopback_by_default(ae_folder, monkeypatch):
     assert result.exit_code == 0, result.output
     web, options = calls[0]
     assert options["host"] == "127.0.0.1" and options["port"] == port
-    info = TestClient(web).get("/api/info").json()
+    client = TestClient(web, base_url=f"http://127.0.0.1:{port}")
+    info = client.get("/api/info").json()
     assert info["can_sample"] is False and "autoencoder only" in info["sample_message"]
-    assert TestClient(web).get(f"/api/latents/{info['first']}").json()["label"] == "z.safetensors (seed 3)"
+    assert client.get(f"/api/latents/{info['first']}").json()["label"] == "z.safetensors (seed 3)"
+    assert TestClient(web, base_url="http://rebound.example").get("/api/info").status_code == 400  # DNS rebinding
 
 
 def test_bad_serve_options_fail_in_one_sentence(ae_folder, tmp_path):
@@ -219,3 +222,15 @@ def test_bad_serve_options_fail_in_one_sentence(ae_folder, tmp_path):
         ]:
             result = CliRunner().invoke(cli_app, ["serve", "--ckpt", str(ae), "--device", "cpu", *map(str, options)])
             assert result.exit_code == 1 and message in result.output, (options, result.output)
+
+
+def test_a_loopback_viewer_refuses_another_host_header(served):
+    """DNS rebinding: a web page whose name now points at 127.0.0.1 still sends its own name as Host."""
+    from infd.server.app import LOOPBACK_HOSTS
+
+    service, latent, _ = served
+    web = create_app(service.start(), latent.zid, allowed_hosts=LOOPBACK_HOSTS)
+    url = f"/dzi/{latent.zid}.dzi"
+    assert TestClient(web, base_url="http://127.0.0.1:8000").get(url).status_code == 200
+    assert TestClient(web, base_url="http://[::1]:8000").get(url).status_code == 200
+    assert TestClient(web, base_url="http://evil.example:8000").get(url).status_code == 400

@@ -39,11 +39,13 @@ def serve(
     import uvicorn
 
     from infd import geometry
-    from infd.server.app import create_app
+    from infd.server.app import LOOPBACK_HOSTS, create_app
     from infd.server.service import TileService, open_latents
 
     if not 0 < port < 65536:
         raise InfdError(f"--port must be from 1 to 65535, got {port}.")
+    if cache_mib < 0:
+        raise InfdError(f"--cache-mib must be 0 (no cache) or more, got {cache_mib}.")
     _check_free(host, port)
     virtual = geometry.parse_size(size) if size else None
     view_h, view_w = geometry.parse_size(max_view)
@@ -54,7 +56,8 @@ def serve(
     service = TileService(
         model, book, tile_size, overlap, tile_format, max_batch=batch, max_queue=queue, cache_bytes=cache_mib * 2**20, dtype=dtype
     )
-    web = create_app(service, first, view_h * view_w, str(on))
+    named = f"[{host}]" if ":" in host else host
+    web = create_app(service, first, view_h * view_w, str(on), (*LOOPBACK_HOSTS, named) if _is_loopback(host) else None)
     if not _is_loopback(host):
         report("warning:", f"listening on {host}: anyone who can reach this machine can use the viewer.", "yellow")
     shown = f"[{host}]" if ":" in host else host

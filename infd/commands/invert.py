@@ -80,8 +80,9 @@ def invert_command(
 ):
     """Invert conditions on regions (text via CLIP, observations at any resolution, masks) into a latent, rendering only those regions."""
     from infd import geometry, inversion, rendering
-    from infd.files import check_replaceable
+    from infd.files import check_output_path, check_replaceable
 
+    check_output_path(out, folder=True)
     check_replaceable(out, OUTPUT_LAYOUT, overwrite, "infd invert")
     problem = _build_spec(spec, text or [])
     overrides = {"solver": solver, "steps": steps, "seed": seed, "lr": lr, "prior": prior, "guidance_scale": guidance_scale}
@@ -96,6 +97,7 @@ def invert_command(
     if size:
         problem.canvas = geometry.parse_size(size)
     height, width = problem.canvas
+    inversion.check_bounds(problem)
     if height * width > rendering.MAX_RENDER_PIXELS:
         raise InfdError(
             f"a {width}x{height} canvas is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; "

@@ -23,6 +23,7 @@ def convert_vae(
     renderer_blocks: int = typer.Option(2, help="Residual blocks of the new CLIF renderer."),
     freeze_encoder: bool = typer.Option(True, "--freeze-encoder/--no-freeze-encoder", help="finetune.json keeps the encoder frozen, so the LDM's latent space stays valid."),
     freeze_decoder: bool = typer.Option(False, "--freeze-decoder/--no-freeze-decoder", help="finetune.json also freezes the decoder trunk (trains CLIF alone)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `infd convert-vae` output at --out (never a folder holding anything else)."),
 ):
     """Convert an LDM autoencoder (Stable Diffusion's VAE, VQ-f4) into a neural-field autoencoder."""
     from infd.convert import FINETUNE_CONFIG
@@ -30,7 +31,7 @@ def convert_vae(
 
     if renderer_hidden <= 0 or renderer_blocks < 0:
         raise InfdError(f"--renderer-hidden must be positive and --renderer-blocks 0 or more, got {renderer_hidden} and {renderer_blocks}.")
-    model = convert(vae, out, input_size, scaling_factor, renderer_hidden, renderer_blocks, freeze_encoder, freeze_decoder)
+    model = convert(vae, out, input_size, scaling_factor, renderer_hidden, renderer_blocks, freeze_encoder, freeze_decoder, overwrite)
     c, h, w = model.latent_shape
     s = model.config.input_size
     report(

@@ -24,6 +24,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from infd import geometry
 from infd.errors import InfdError
@@ -35,12 +36,24 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 TILE_NAME = re.compile(r"(\d{1,9})_(\d{1,9})\.([a-z]{3,4})")
 LEVEL = re.compile(r"\d{1,3}")
 MAX_VIEW_PIXELS = 4096 * 4096
+MAX_VIEW_SIDE = 8192  # with the pixel cap, bounds the tiles (and so the time) one view may cost
 MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg"}
 
 
-def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW_PIXELS, device: str = "cpu") -> FastAPI:
-    """The app over a started TileService; `first` is the latent id the page opens with."""
+# Host headers a loopback server answers: a web page that rebinds its own name to 127.0.0.1 sends another one.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def create_app(
+    service: TileService, first: str, max_view_pixels: int = MAX_VIEW_PIXELS, device: str = "cpu", allowed_hosts: tuple[str, ...] | None = None
+) -> FastAPI:
+    """The app over a started TileService; `first` is the latent id the page opens with.
+
+    `allowed_hosts` (e.g. LOOPBACK_HOSTS) refuses requests naming another Host (DNS rebinding); None answers any.
+    """
     app = FastAPI(title="infd viewer", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     book = service.book
     book.check(first)
 
@@ -125,6 +138,8 @@ def create_app(service: TileService, first: str, max_view_pixels: int = MAX_VIEW
             raise HTTPException(400, str(error)) from None
         if height * width > max_view_pixels:
             raise HTTPException(400, f"{width}x{height} is more than the {max_view_pixels} pixels a view may have here; use `infd render --box` for larger ones.")
+        if max(height, width) > MAX_VIEW_SIDE:
+            raise HTTPException(400, f"{width}x{height} has a side longer than the {MAX_VIEW_SIDE} pixels a view may have; use `infd render --box` for it.")
         try:
             pixels = await wait(service.view(z, region, (height, width)))
         except ServiceBusy as error:

@@ -86,6 +86,28 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+RUNTIME_OPTIONS = ("steps", "time_limit", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+
+
+def _run_config(config_class, config: Optional[Path], out: Path, resume: bool):
+    """The training config of a run: --config, or with --resume the run's own train_config.json.
+
+    A --config given with --resume must describe the same training as the run's (only
+    budgets and logging, RUNTIME_OPTIONS, may differ), else the resumed run would not be
+    the run it continues.
+    """
+    saved = out / "train_config.json"
+    if not (resume and saved.is_file()):
+        return config_class.load(config) if config else config_class()
+    own = config_class.load(saved)
+    if config is not None:
+        given = config_class.load(config)
+        differs = sorted(k for k, v in given.to_dict().items() if k not in RUNTIME_OPTIONS and v != own.to_dict().get(k))
+        if differs:
+            raise InfdError(f"--config {config} differs from the run's own train_config.json in {', '.join(differs)}; resume without --config (the run's is used) or start a new --out.")
+    return own
+
+
 def _override(config, **options) -> None:
     """Set the config fields given on the command line (None: not given, keep the config's)."""
     for name, value in options.items():
@@ -99,7 +121,7 @@ def train_ae(
     data: Path = typer.Option(..., "--data", help="Folder of training images (any sizes, aspect ratios and formats)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints/, samples/, log.jsonl, train_config.json."),
     config: Optional[Path] = typer.Option(None, "--config", help="JSON training config (see configs/); options below override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left off."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left off, with the run's own train_config.json."),
     steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step per process."),
     lr: Optional[float] = typer.Option(None, help="Learning rate of the autoencoder."),
@@ -118,7 +140,7 @@ def train_ae(
     from infd.train_ae import AETrainConfig, train_autoencoder
 
     check_output_path(out, folder=True)
-    cfg = AETrainConfig.load(config) if config else AETrainConfig()
+    cfg = _run_config(AETrainConfig, config, out, resume)
     _override(
         cfg, steps=steps, batch_size=batch_size, lr=lr, init=init, lpips_vgg=lpips_vgg, time_limit=time_limit,
         num_workers=num_workers, freeze_encoder=freeze_encoder, freeze_decoder=freeze_decoder,
@@ -218,7 +240,7 @@ def train_ldm(
     from infd.train_ldm import train_ldm as train
 
     check_output_path(out, folder=True)
-    cfg = LDMTrainConfig.load(config) if config else LDMTrainConfig()
+    cfg = _run_config(LDMTrainConfig, config, out, resume)
     _override(cfg, steps=steps, batch_size=batch_size, lr=lr, time_limit=time_limit)
     last = train(cfg, out, ae, latents, data, resume=resume, exclude=WALLPAPER_HOLDOUT if holdout else (), progress=progress)
     report("done:", f"last checkpoint {last}")

@@ -140,6 +140,15 @@ def test_train_ae_command_and_bad_data(image_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert (run / "checkpoints" / "step_0000003" / "config.json").is_file()
     assert invoke("info", run).exit_code == 0
+    # --resume continues with the run's own config (not the default one, whose model differs) ...
+    result = invoke("train-ae", "--data", image_folder, "--out", run, "--resume", "--steps", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "step_0000004" / "config.json").is_file()
+    # ... and refuses a --config that describes another training.
+    other = tmp_path / "other.json"
+    other.write_text(config.read_text().replace('"renderer_hidden": 16', '"renderer_hidden": 8'))
+    result = invoke("train-ae", "--data", image_folder, "--out", run, "--resume", "--config", other, "--steps", 5)
+    assert result.exit_code == 1 and "differs from the run's own train_config.json in model" in result.output, result.output
     empty = tmp_path / "empty"
     empty.mkdir()
     result = invoke("train-ae", "--data", empty, "--out", tmp_path / "run2", "--config", config, "--steps", 3)

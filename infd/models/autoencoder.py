@@ -51,8 +51,8 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     *is* "a thumbnail with as many numbers as the latent, bicubic up", the floor every
     model must beat; training only adds to it, and the latents stay image-like.
     `trunk_type="sr"` replaces the VAE trunk by a normalisation-free super-resolution
-    trunk (infd.models.trunks) that learns far faster on small budgets; SD conversion
-    keeps the VAE trunk. `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
+    trunk (infd.models.trunks) for models trained from scratch on small budgets; SD
+    conversion keeps the VAE trunk. `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
     feature-cell edges) and `detail_fade_cell` fades a residual renderer's detail for
     pixels finer than the trained scales (both in infd.models.renderers).
     """

@@ -2,12 +2,11 @@
 
 The default trunk of `NeuralFieldAutoencoder` is diffusers' VAE `Encoder`/`Decoder` (what
 Stable Diffusion's autoencoder is made of, so that one converts). For a model trained
-from scratch on a CPU budget, that trunk learns slowly: GroupNorm removes the per-image
-contrast the decoder must restore, and the attention block costs more than it gives at
-32². `trunk="sr"` swaps in the design of super-resolution networks (EDSR, Lim et al. 2017):
-residual blocks without normalisation, strided convolutions down and pixel-shuffle up.
-Measured on the wallpapers (benchmarks/train_ae.py) it gains on the thumbnail floor
-several times faster per CPU-minute.
+from scratch on a small budget, `trunk="sr"` swaps in the design of super-resolution
+networks (EDSR, Lim et al. 2017): residual blocks without normalisation (GroupNorm
+removes the per-image contrast a decoder must restore), strided convolutions down and
+pixel-shuffle up, no attention. It is what the shipped CPU model uses; its learning curve
+beside the VAE trunk's is in benchmarks/results/train_ae-cpu.json.
 
 Shapes: the encoder maps (B, in, S, S) to (B, out, S / 2^(L-1), S / 2^(L-1)) for L =
 len(block_out_channels) levels; the decoder maps a latent back to (B, block_out_channels[0],

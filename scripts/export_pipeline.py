@@ -1,6 +1,6 @@
 """Ship an `infd train-ldm` checkpoint: the pipeline folder in fp16, without training state.
 
-    python scripts/export_pipeline.py runs/wallpapers/ldm weights/wallpapers [--autoencoder weights/demo-ae]
+    python scripts/export_pipeline.py runs/wallpapers/ldm weights/wallpapers [--autoencoder weights/demo-ae] [--clip-sample-range 2.5]
 
 Writes OUT (model_index.json, autoencoder/, unet/, scheduler/: config JSON + fp16
 safetensors) through a temporary folder renamed at the end, replacing OUT. With
@@ -52,8 +52,16 @@ def main() -> None:
     parser.add_argument("ckpt", type=Path, help="An LDM run (its newest checkpoint) or one of its checkpoints.")
     parser.add_argument("out", type=Path)
     parser.add_argument("--autoencoder", type=Path, default=None)
+    parser.add_argument(
+        "--clip-sample-range", type=float, default=None,
+        help="Clamp the sampler's x0 predictions to [-R, R] (the scaled latents' range, e.g. 2.5): "
+        "an epsilon-prediction UNet trained briefly errs most at the noisiest steps, where one small error "
+        "in epsilon is a large one in x0, and without the clamp samples saturate.",
+    )
     args = parser.parse_args()
     pipe = load_pipeline(args.ckpt).to(dtype=torch.float16)
+    if args.clip_sample_range is not None:
+        pipe.scheduler.register_to_config(clip_sample=True, clip_sample_range=args.clip_sample_range)
     replace_with(args.out, lambda tmp: save(pipe, tmp))
     if args.autoencoder is not None:
         replace_with(args.autoencoder, lambda tmp: save(pipe.autoencoder, tmp))

@@ -25,3 +25,5 @@ $INFD encode-latents --ae "$OUT/ae" --data "$DATA" --out "$OUT/latents" --holdou
 $INFD train-ldm --config "$LDM_CONFIG" --ae "$OUT/ae" --latents "$OUT/latents" \
     --out "$OUT/ldm" --time-limit "$LDM_MINUTES" ${LDM_ARGS:-} --no-progress >"$OUT/ldm.log" 2>&1 || { tail -n 20 "$OUT/ldm.log"; exit 1; }
 tail -n 2 "$OUT/ldm.log"
+# Ship it: fp16, no training state, the sampler's x0 clamped to the latents' range.
+python scripts/export_pipeline.py "$OUT/ldm" weights/wallpapers --autoencoder weights/demo-ae --clip-sample-range 2.5

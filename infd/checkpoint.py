@@ -84,3 +84,24 @@ def restore_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["rng_cpu"])
     if "rng_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["rng_cuda"])
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, folder: Path) -> None:
+    """Restore `optimizer` from a checkpoint's state dict, refusing one that does not fit its parameters.
+
+    torch keys optimizer moments by parameter position, so a checkpoint written by code
+    that created the model's modules in another order would load silently and fail (or
+    worse, train on swapped moments) at the next step; the shapes tell.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state", {})
+    for index, param in enumerate(params):
+        moments = saved.get(index, {})
+        shape = next((tuple(v.shape) for k, v in moments.items() if k != "step" and isinstance(v, torch.Tensor)), None)
+        if shape is not None and shape != tuple(param.shape):
+            raise InfdError(
+                f"the optimizer state in '{folder}' does not fit this model's parameters (parameter {index} is "
+                f"{tuple(param.shape)}, its moments {shape}): the run was written by code that built the model in "
+                "another order; continue it as a new run with --init pointing at that checkpoint."
+            )
+    optimizer.load_state_dict(state)

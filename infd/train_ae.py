@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from infd import geometry, losses
 from infd.checkpoint import (
+    load_optimizer_state,
     load_training_state,
     restore_rng_states,
     rng_states,
@@ -381,7 +382,7 @@ class AutoencoderTrainer(StepTrainer):
         state = load_training_state(folder)
         weights = state.get("model") or load_file(str(folder / MODEL_WEIGHTS))
         self.model.load_state_dict(weights)
-        self.opt_g.load_state_dict(state["opt_g"])
+        load_optimizer_state(self.opt_g, state["opt_g"], folder)
         if self.disc is not None:
             if "disc" not in state:
                 raise InfdError(f"checkpoint '{folder}' has no discriminator but this config trains one; use the run's own train_config.json.")

@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from infd.checkpoint import (
+    load_optimizer_state,
     load_training_state,
     restore_rng_states,
     rng_states,
@@ -416,7 +417,7 @@ class LDMTrainer(StepTrainer):
             self.unet.load_state_dict(weights)
         except RuntimeError:
             raise InfdError(f"the UNet in '{folder}' does not match this config's unet options; use the run's own train_config.json.") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], folder)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
         self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))

@@ -375,3 +375,20 @@ def test_resuming_drops_log_records_after_the_checkpoint(tmp_path):
     log.write_text('{"step": 10, "l1": 1}\n{"step": 20, "l1": 0.5}\n{"step": 20, "stopped": "time_limit"}\n{"step": 30, "l1": 0.4}\n{"step": 4')
     drop_log_after(log, 20)
     assert log.read_text() == '{"step": 10, "l1": 1}\n{"step": 20, "l1": 0.5}\n{"step": 20, "stopped": "time_limit"}\n'
+
+
+def test_optimizer_state_of_a_model_built_in_another_order_is_refused(tmp_path):
+    import torch
+
+    from infd.checkpoint import load_optimizer_state
+
+    a, b = torch.nn.Linear(3, 5), torch.nn.Conv2d(2, 4, 3)
+    saved = torch.optim.Adam([*a.parameters(), *b.parameters()])
+    (a.weight.sum() + b.weight.sum() + a.bias.sum() + b.bias.sum()).backward()
+    saved.step()
+    same = torch.optim.Adam([*a.parameters(), *b.parameters()])
+    load_optimizer_state(same, saved.state_dict(), tmp_path)  # the same order loads
+    assert torch.equal(same.state_dict()["state"][0]["exp_avg"], saved.state_dict()["state"][0]["exp_avg"])
+    swapped = torch.optim.Adam([*b.parameters(), *a.parameters()])
+    with pytest.raises(InfdError, match="another order"):
+        load_optimizer_state(swapped, saved.state_dict(), tmp_path)

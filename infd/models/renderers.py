@@ -36,6 +36,11 @@ def layout_channels(feature_channels: int, lookup: str = "nearest") -> int:
     return feature_channels + (4 if lookup == "nearest" else 6)
 
 
+def cell_in_features(cell: torch.Tensor, feature_size: tuple[int, int]) -> torch.Tensor:
+    """Query pixel size (B, 2) in [-1, 1] units -> in feature cells of an (h, w) feature map, float64 on the CPU."""
+    return geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor(feature_size, dtype=torch.float64))
+
+
 def gather_layout(phi: torch.Tensor, iy: torch.Tensor, oy: torch.Tensor, ix: torch.Tensor, ox: torch.Tensor, cell_f: torch.Tensor) -> torch.Tensor:
     """The features at rows iy (B, H) and columns ix (B, W) of phi (B, C, h, w), then offset and cell.
 
@@ -74,7 +79,7 @@ def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: to
     b, c, h, w = phi.shape
     iy, oy = (t.to(phi.device) for t in geometry.feature_lookup(ys, h))
     ix, ox = (t.to(phi.device) for t in geometry.feature_lookup(xs, w))
-    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor([h, w], dtype=torch.float64)).to(phi.device)
+    cell_f = cell_in_features(cell, (h, w)).to(phi.device)
     if lookup == "nearest":
         return gather_layout(phi, iy, oy, ix, ox, cell_f)
     layout = phi.new_empty(b, iy.shape[1], ix.shape[1], layout_channels(c, lookup))
@@ -101,7 +106,7 @@ def detail_weight(cell: torch.Tensor, feature_size: tuple[int, int], fade_cell: 
     learned. The finer axis of anisotropic pixels decides. Returns (B, 1, 1, 1) float64;
     all ones when fade_cell is 0.
     """
-    cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor(feature_size, dtype=torch.float64))
+    cell_f = cell_in_features(cell, feature_size)
     if fade_cell <= 0:
         return torch.ones(cell.shape[0], 1, 1, 1, dtype=torch.float64)
     finest = cell_f.min(dim=1).values
@@ -216,7 +221,7 @@ class LIIFRenderer(Renderer):
         h, w = state.shape[-2:]
         rows = [t.to(state.device) for t in ensemble_lookup(ys, h, self.local_ensemble)]
         cols = [t.to(state.device) for t in ensemble_lookup(xs, w, self.local_ensemble)]
-        cell_f = geometry.cell_in_feature_units(cell.double().cpu(), torch.tensor([h, w], dtype=torch.float64)).to(state.device)
+        cell_f = cell_in_features(cell, (h, w)).to(state.device)
         rgb = 0  # blended in the state's precision, also under autocast
         for iy, oy, wy in zip(*rows):  # one ensemble member at a time: the memory of one MLP pass
             for ix, ox, wx in zip(*cols):

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 from common import (
-    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -40,6 +39,7 @@ from common import (
     cuda_peak_bytes,
     current_rss_bytes,
     describe_machine,
+    goal,
     machine_info,
     make_console,
     median,
@@ -53,9 +53,9 @@ from common import (
     write_json,
 )
 
-from infd.conditions import Critics, ImageRegion
 from infd.geometry import Box, crop_box, parse_size
 from infd.inversion import condition_losses
+from infd.inversion.conditions import Critics, ImageRegion
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import render_window
 

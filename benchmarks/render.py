@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
-    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -44,6 +43,7 @@ from common import (
     cuda_peak_bytes,
     current_rss_bytes,
     describe_machine,
+    goal,
     machine_info,
     make_console,
     median,
@@ -56,10 +56,12 @@ from common import (
     time_runs,
     write_json,
 )
+
 from infd.geometry import Window, parse_size
 from infd.models import NeuralFieldAutoencoder
 from infd.models.renderers import CLIFRenderer, query_layout
-from infd.rendering import load_autoencoder, render
+from infd.rendering import render
+from infd.store import load_autoencoder
 
 # The paper's autoencoder: 256² input -> z 3x64x64 -> phi 128x256x256 -> CLIF, width 256.
 PAPER_MODEL = dict(

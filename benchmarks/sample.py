@@ -40,7 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import (
-    goal,
     MIB,
     REPO_ROOT,
     Column,
@@ -49,6 +48,7 @@ from common import (
     cuda_peak_bytes,
     current_rss_bytes,
     describe_machine,
+    goal,
     machine_info,
     make_console,
     median,
@@ -61,13 +61,14 @@ from common import (
     time_runs,
     write_json,
 )
+
 from infd import geometry
 from infd.diffusion import make_sampler, make_training_scheduler, sample
+from infd.diffusion.pipeline import lanczos_resize, load_pipeline
 from infd.geometry import Box, parse_size
 from infd.models import NeuralFieldAutoencoder
-from infd.pipeline import lanczos_resize, load_pipeline
 from infd.rendering import ArraySink, render_window
-from infd.train_ldm import LDMTrainConfig, build_unet
+from infd.training.ldm import LDMTrainConfig, build_unet
 
 PAPER_AE = dict(input_size=256, latent_channels=3, block_out_channels=(128, 256, 256), layers_per_block=2, renderer_hidden=256, renderer_blocks=2)
 QUICK_AE = dict(PAPER_AE, input_size=64, block_out_channels=(32, 32, 32), layers_per_block=1, renderer_hidden=16)

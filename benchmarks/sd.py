@@ -6,7 +6,7 @@
 
 SD's VAE reaches an N² image only by decoding an (N/8)² latent (256x256 for 2048²): its
 decoder, mid-block attention included, runs at the output size. The converted model
-(`infd.convert.convert_autoencoder`) decodes SD's native 64x64 latent once to phi
+(`infd.stable_diffusion.convert.convert_autoencoder`) decodes SD's native 64x64 latent once to phi
 (128x512x512) and renders the output tile by tile with CLIF. Both models are random-
 initialised from the SD-1.5 VAE config (block_out_channels 128,256,512,512, 2 layers per
 block, 4 latent channels; no weights are needed to time them); CLIF has --renderer-hidden
@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from common import (
-    goal,
     GOAL_COLUMNS,
     MIB,
     Column,
@@ -38,6 +37,7 @@ from common import (
     cuda_peak_bytes,
     current_rss_bytes,
     describe_machine,
+    goal,
     machine_info,
     make_console,
     median,
@@ -53,8 +53,8 @@ from common import (
 from diffusers import AutoencoderKL
 
 from infd import geometry
-from infd.convert import CONVERTED_RENDERER_HIDDEN, convert_autoencoder
 from infd.rendering import render
+from infd.stable_diffusion.convert import CONVERTED_RENDERER_HIDDEN, convert_autoencoder
 
 SD15_VAE = dict(
     block_out_channels=(128, 256, 512, 512),

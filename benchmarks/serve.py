@@ -9,11 +9,11 @@ Tiles: `--clients` closed-loop clients (1, 8, 32) each ask for one 256² Deep Zo
 (tile 254 + 1 px overlap) at a time, all distinct (a deep level of the 65536² virtual
 image, so the tile cache never answers), for `--seconds` or `--max-tiles`, whichever ends
 first, with batching (up to 32 tiles per renderer call) and without (1). Latency is from
-the request to the encoded PNG. "in-process" drives `infd.server.service.TileService`
+the request to the encoded PNG. "in-process" drives `infd.viewer.service.TileService`
 directly (what runs on a GPU machine without fastapi); "http" starts `infd serve` in a
 child process on 127.0.0.1 and drives it with httpx (loopback only).
 
-Export: `infd.export.export_tiff` (tiled pyramidal BigTIFF, deflate) of each size, in a
+Export: `infd.viewer.deepzoom.export_tiff` (tiled pyramidal BigTIFF, deflate) of each size, in a
 fresh process per size: wall time, peak RSS, and on CUDA the peak GPU memory. On CPU
 the export sweep uses a narrow renderer (`--export-width`, default 8) so that 8192²
 finishes; on CUDA the real width.
@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from common import (
-    goal,
     GOAL_COLUMNS,
     MIB,
     REPO_ROOT,
@@ -46,6 +45,7 @@ from common import (
     Series,
     cuda_peak_bytes,
     describe_machine,
+    goal,
     machine_info,
     make_console,
     peak_rss_bytes,
@@ -57,11 +57,11 @@ from common import (
     write_json,
 )
 
-from infd.export import LatentField, export_tiff
 from infd.geometry import parse_size
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import find_checkpoint, load_autoencoder
-from infd.server.service import LatentBook, TileService
+from infd.store import find_checkpoint, load_autoencoder
+from infd.viewer.deepzoom import LatentField, export_tiff
+from infd.viewer.service import LatentBook, TileService
 
 # The paper's autoencoder (z 3x64x64, phi 128x256x256, CLIF width 256), random weights.
 PAPER_MODEL = dict(input_size=256, latent_channels=3, block_out_channels=(128, 256, 256), layers_per_block=2, renderer_hidden=256, renderer_blocks=2)
@@ -281,7 +281,7 @@ def export_in_fresh_process(spec: dict, width: int | None, size: tuple[int, int]
 def measure_export(spec, width, size, args) -> dict:
     folder = tempfile.mkdtemp(prefix="infd-export-bench-")
     try:
-        result = run_in_fresh_process(export_in_fresh_process, spec, width, size, args.device, args.bf16, folder, torch.get_num_threads(), preload=["infd.export"])
+        result = run_in_fresh_process(export_in_fresh_process, spec, width, size, args.device, args.bf16, folder, torch.get_num_threads(), preload=["infd.viewer.deepzoom"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     h, w = size

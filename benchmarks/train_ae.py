@@ -24,18 +24,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Column, Panel, Series, machine_info, plot_panels, print_table, result_path, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Column,
+    Panel,
+    Series,
+    machine_info,
+    plot_panels,
+    print_table,
+    result_path,
+    write_json,
+)
 
-from infd import evaluation, rendering  # noqa: E402
-from infd.train_ae import AETrainConfig, checkpoint_dirs, train_autoencoder  # noqa: E402
+from infd import evaluation, rendering, store  # noqa: E402
 from infd.data import WALLPAPER_HOLDOUT  # noqa: E402
+from infd.store import checkpoint_dirs  # noqa: E402
+from infd.training.autoencoder import AETrainConfig, train_autoencoder  # noqa: E402
 
 MARKS_MIN = (30, 120)  # the wall-clock points the issue asks about
 
@@ -105,7 +114,7 @@ def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], ev
     rows = []
     for folder in chosen:
         step = int(folder.name.split("_")[1])
-        model = rendering.load_autoencoder(folder, device)
+        model = store.load_autoencoder(folder, device)
         entry = evaluation.EvalModel(label, model, None, str(folder))
         with_floors = not floors
         result = evaluation.evaluate_autoencoders(paths, [entry], scales, progress=False, floors=with_floors)
@@ -134,7 +143,7 @@ def evaluate_reference(text: str, paths: list[Path], scales: list[int], device: 
     if len(parts) != 3:
         raise SystemExit(f"--reference '{text}' must be LABEL=CKPT@MINUTES@SAMPLES.")
     folder, minutes, samples = Path(parts[0]), float(parts[1]), int(parts[2])
-    entry = evaluation.EvalModel(label, rendering.load_autoencoder(folder, device), None, str(folder))
+    entry = evaluation.EvalModel(label, store.load_autoencoder(folder, device), None, str(folder))
     result = evaluation.evaluate_autoencoders(paths, [entry], scales, progress=False, floors=False)
     keys = ("scale", "psnr", "spectral_db", "colour", "rim_db", "blockiness", "zoom_blockiness")
     return [{"recipe": label, "step": None, "samples": samples, "minutes": minutes, **{k: row[k] for k in keys}} for row in result["rows"]]

@@ -12,7 +12,6 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from infd import geometry
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError
 from infd.geometry import Box, Size, Window
 from infd.images import load_image, pil_to_tensor, resize
 from infd.models import NeuralFieldAutoencoder
@@ -44,48 +43,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise InfdError(f"device '{device}' was asked for but no CUDA GPU is available; use --device cpu.")
     return resolved
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder (config.json + safetensors) that `path` names.
-
-    Accepts a checkpoint folder, a training run folder (its newest checkpoint) or a
-    pipeline folder (its `autoencoder/`); an `infd train-ldm` run's checkpoints are
-    pipeline folders, so such a run gives its newest checkpoint's autoencoder.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InfdError(f"checkpoint '{path}' does not exist; pass a run folder from `infd train-ae` or a folder holding config.json.")
-    if (path / "config.json").is_file():
-        return path
-    if (path / "autoencoder" / "config.json").is_file():
-        return path / "autoencoder"
-    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / "config.json").is_file() or (p / "autoencoder" / "config.json").is_file())
-    if steps:
-        return steps[-1] if (steps[-1] / "config.json").is_file() else steps[-1] / "autoencoder"
-    raise InfdError(f"'{path}' holds no checkpoint (no config.json, autoencoder/ or checkpoints/step_*); pass a run or checkpoint folder.")
-
-
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> NeuralFieldAutoencoder:
-    folder = find_checkpoint(path)
-    _check_model_kind(folder)
-    try:
-        model = NeuralFieldAutoencoder.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        reason = first_line(error)
-        raise InfdError(f"could not load the autoencoder from '{folder}': {reason}") from None
-    device = pick_device(device) if isinstance(device, str) else device
-    return model.to(device).eval()
-
-
-def _check_model_kind(folder: Path) -> None:
-    """Refuse, in one sentence, a checkpoint of another model (a UNet, a VAE) before loading it."""
-    try:
-        kind = json.loads((folder / "config.json").read_text()).get("_class_name", NeuralFieldAutoencoder.__name__)
-    except (OSError, ValueError, AttributeError):
-        raise InfdError(f"'{folder / 'config.json'}' is not a readable JSON object; pass an autoencoder checkpoint folder.") from None
-    if kind != NeuralFieldAutoencoder.__name__:
-        raise InfdError(f"'{folder}' holds a {kind}, not an infd autoencoder; pass a run, pipeline or autoencoder checkpoint folder.")
 
 
 def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from infd.diffusion.pipeline import load_pipeline
 from infd.files import atomic_directory
-from infd.pipeline import load_pipeline
 
 
 def replace_with(path: Path, write) -> None:

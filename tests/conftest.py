@@ -96,7 +96,7 @@ def make_tiny_pipeline(make_tiny_model):
     from diffusers import UNet2DModel
 
     from infd.diffusion import make_training_scheduler
-    from infd.pipeline import INFDPipeline
+    from infd.diffusion.pipeline import INFDPipeline
 
     def make(seed: int = 0, prediction_type: str = "epsilon", **autoencoder_options):
         autoencoder = make_tiny_model("clif", seed=seed, fixed_head=True, **autoencoder_options)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from conftest import write_pattern_image
 from PIL import Image
 from typer.testing import CliRunner
 
 from infd.cli import app
-
-from conftest import write_pattern_image
 
 runner = CliRunner()
 

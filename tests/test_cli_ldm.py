@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_UNET
 from PIL import Image
 from typer.testing import CliRunner
 
 from infd.cli import app
 from infd.latents import load_latent
-
-from conftest import TINY_UNET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

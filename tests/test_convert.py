@@ -9,17 +9,17 @@ from diffusers import AutoencoderKL, UNet2DModel, VQModel
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from infd import rendering
+from infd import rendering, store
 from infd.cli import app
-from infd.convert import (
+from infd.errors import InfdError
+from infd.stable_diffusion.convert import (
     FINETUNE_CONFIG,
     convert_autoencoder,
     convert_vae,
     finetune_config,
     load_ldm_autoencoder,
 )
-from infd.errors import InfdError
-from infd.train_ae import AETrainConfig, train_autoencoder
+from infd.training.autoencoder import AETrainConfig, train_autoencoder
 
 REPO = Path(__file__).resolve().parent.parent
 # Two levels (f2): a 32² input gives a 4x16x16 latent. 32 channels: LDM files assume 32 norm groups.
@@ -89,7 +89,7 @@ def test_saved_conversion_round_trips_and_writes_its_finetune_config(tmp_path):
     vae_folder = saved_vae(tmp_path / "sd" / "vae", scaling_factor=0.5, shift_factor=0.1)
     (tmp_path / "sd" / "model_index.json").write_text("{}")
     model = convert_vae(tmp_path / "sd", tmp_path / "ae", renderer_hidden=16, freeze_decoder=True)  # an SD folder: its vae/
-    again = rendering.load_autoencoder(tmp_path / "ae")
+    again = store.load_autoencoder(tmp_path / "ae")
     assert again.config.scaling_factor == 0.5 and again.config.shift_factor == 0.1 and again.config.residual_renderer
     assert model.state_dict().keys() == again.state_dict().keys()
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
@@ -185,7 +185,7 @@ def test_finetuning_a_converted_model_with_a_frozen_encoder(image_folder, tmp_pa
         setattr(config, name, value)
     config.data.crop_size = 24
     last = train_autoencoder(config, image_folder, tmp_path / "run", progress=False)
-    unchanged = unchanged_weights(model, rendering.load_autoencoder(last))
+    unchanged = unchanged_weights(model, store.load_autoencoder(last))
     assert all(k in unchanged for k in model.state_dict() if k.startswith(("encoder.", "quant_conv.")))
     assert "renderer.conv_out.weight" not in unchanged and "decoder.conv_in.weight" not in unchanged
     # The same through the CLI, the other way round: encoder trained, decoder trunk frozen.
@@ -194,7 +194,7 @@ def test_finetuning_a_converted_model_with_a_frozen_encoder(image_folder, tmp_pa
     args = ["train-ae", "--config", str(config_file), "--init", str(tmp_path / "ae"), "--data", str(image_folder), "--out", str(tmp_path / "run2")]
     result = CliRunner().invoke(app, [*args, "--no-freeze-encoder", "--freeze-decoder", "--no-progress"])
     assert result.exit_code == 0, result.output
-    unchanged = unchanged_weights(model, rendering.load_autoencoder(tmp_path / "run2"))
+    unchanged = unchanged_weights(model, store.load_autoencoder(tmp_path / "run2"))
     assert all(k in unchanged for k in model.state_dict() if k.startswith(("decoder.", "post_quant_conv.")))
     assert "encoder.conv_in.weight" not in unchanged and "renderer.conv_out.weight" not in unchanged
 
@@ -208,7 +208,7 @@ def test_convert_vae_command(tmp_path):
     text = " ".join(result.output.split())
     assert "z 4x16x16 from 32x32" in text and "infd train-ae --config" in text
     assert not json.loads((tmp_path / "ae" / FINETUNE_CONFIG).read_text())["freeze_encoder"]
-    assert rendering.load_autoencoder(tmp_path / "ae").config.renderer_hidden == 16
+    assert store.load_autoencoder(tmp_path / "ae").config.renderer_hidden == 16
     (tmp_path / "not-vae").mkdir()
     (tmp_path / "not-vae" / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
     result = CLI.invoke(app, ["convert-vae", "--vae", str(tmp_path / "not-vae"), "--out", str(tmp_path / "ae2")])

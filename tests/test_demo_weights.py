@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from infd import rendering
+from infd import rendering, store
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "weights" / "demo-ae"
@@ -15,7 +15,7 @@ def test_demo_weights_are_safetensors_and_json_only():
 
 
 def test_demo_weights_reconstruct_the_sample_better_than_a_flat_image():
-    model = rendering.load_autoencoder(DEMO)
+    model = store.load_autoencoder(DEMO)
     image = rendering.image_to_tensor(ROOT / "assets" / "sample.jpg")
     z = rendering.encode(model, image)
     assert tuple(z.shape[1:]) == model.latent_shape

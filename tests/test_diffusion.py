@@ -5,16 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_UNET
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from infd import diffusion
 from infd.errors import InfdError
 from infd.latents import encode_folder
-from infd.train_ldm import LDMTrainConfig, build_unet, train_ldm
-from infd.train_ae import checkpoint_dirs
-
-from conftest import TINY_UNET
+from infd.training.autoencoder import checkpoint_dirs
+from infd.training.ldm import LDMTrainConfig, build_unet, train_ldm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_pattern_image
 from PIL import Image
 from typer.testing import CliRunner
 
-from infd import evaluation, metrics, rendering
+from infd import evaluation, rendering
 from infd.cli import app
 from infd.errors import InfdError
+from infd.evaluation import metrics
 from infd.images import load_image, resize
-
-from conftest import write_pattern_image
 
 runner = CliRunner()
 

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from infd import export
 from infd.cli import app
-from infd.export import DeepZoom, LatentField, render_tiles
 from infd.geometry import Box
 from infd.images import to_uint8_hwc
 from infd.latents import save_latent
 from infd.rendering import render
+from infd.viewer import deepzoom
+from infd.viewer.deepzoom import DeepZoom, LatentField, render_tiles
 
 # A renderer this narrow renders 4096² in a few seconds on one core: big exports stay testable.
 LIGHT = dict(renderer_hidden=4, renderer_blocks=0)
@@ -87,7 +87,7 @@ def test_tiles_equal_a_whole_render_of_their_level(make_tiny_model, one_torch_th
 def test_tiff_export_of_4096_squared_reads_back_equal_to_a_direct_render(light, tmp_path):
     model, z = light
     path = tmp_path / "big.tif"
-    levels = export.export_tiff(LatentField(model, z), (4096, 4096), path, progress=False)
+    levels = deepzoom.export_tiff(LatentField(model, z), (4096, 4096), path, progress=False)
     assert levels == [(4096, 4096), (2048, 2048), (1024, 1024), (512, 512)]
     with tifffile.TiffFile(path) as tif:
         assert tif.is_bigtiff
@@ -105,13 +105,13 @@ def test_tiff_export_of_4096_squared_reads_back_equal_to_a_direct_render(light, 
 def test_png_export_streams_to_the_pixels_of_a_direct_render(light, tmp_path):
     model, z = light
     box = Box(-0.5, -1.0, 1.0, 0.25)
-    export.export_png(LatentField(model, z, box), (150, 333), tmp_path / "x.png", tile=64, progress=False)
+    deepzoom.export_png(LatentField(model, z, box), (150, 333), tmp_path / "x.png", tile=64, progress=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "x.png")), uint8(render(model, z, (150, 333), box=box, tile=64)))
 
 
 def test_deep_zoom_export_writes_every_tile_of_every_level(light, tmp_path):
     model, z = light
-    zoom = export.export_dzi(LatentField(model, z), (100, 130), tmp_path / "v.dzi", tile_size=30, overlap=1, progress=False)
+    zoom = deepzoom.export_dzi(LatentField(model, z), (100, 130), tmp_path / "v.dzi", tile_size=30, overlap=1, progress=False)
     descriptor = ET.parse(tmp_path / "v.dzi").getroot()
     size = descriptor.find("{http://schemas.microsoft.com/deepzoom/2008}Size")
     assert (descriptor.get("TileSize"), descriptor.get("Overlap"), size.get("Width"), size.get("Height")) == ("30", "1", "130", "100")
@@ -137,7 +137,7 @@ def test_interrupted_exports_leave_nothing_behind(light, tmp_path, monkeypatch, 
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LatentField, "render", interrupted)
-    write = {".tif": export.export_tiff, ".png": export.export_png, ".dzi": export.export_dzi}[name[-4:]]
+    write = {".tif": deepzoom.export_tiff, ".png": deepzoom.export_png, ".dzi": deepzoom.export_dzi}[name[-4:]]
     out = tmp_path / "exports"
     with pytest.raises(KeyboardInterrupt):
         write(field, (300, 300), out / name, progress=False, **({"tile": 64} if name != "out.dzi" else {"tile_size": 64}))
@@ -148,7 +148,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     torch.set_num_threads(1)
-    from infd.export import LatentField, export_tiff
+    from infd.viewer.deepzoom import LatentField, export_tiff
     from infd.models import NeuralFieldAutoencoder
     torch.manual_seed(0)
     model = NeuralFieldAutoencoder(**json.loads(sys.argv[1])).eval()

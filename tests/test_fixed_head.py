@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from test_train_ae import read_log, tiny_config
 
-from infd import geometry, rendering
+from infd import geometry, rendering, store
 from infd.errors import InfdError
 from infd.geometry import Box, Window
 from infd.models import NeuralFieldAutoencoder
-from infd.train_ae import train_autoencoder
-
-from test_train_ae import read_log, tiny_config
+from infd.training.autoencoder import train_autoencoder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,11 +20,11 @@ def test_checkpoints_without_the_option_still_load(make_tiny_model, tmp_path):
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     del config["fixed_head"]  # as written before the option existed
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
-    model = rendering.load_autoencoder(tmp_path / "old")
+    model = store.load_autoencoder(tmp_path / "old")
     assert model.fixed_renderer is None and not model.config.fixed_head
     with_head = make_tiny_model(fixed_head=True)
     with_head.save_pretrained(tmp_path / "new")
-    again = rendering.load_autoencoder(tmp_path / "new")
+    again = store.load_autoencoder(tmp_path / "new")
     assert torch.equal(again.fixed_renderer.head.weight, with_head.fixed_renderer.head.weight)
 
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import write_pattern_image
 
 SEED_PAST_64_BITS = str(2**64)
@@ -39,9 +38,9 @@ def snapshot(folder):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from infd.models import NeuralFieldAutoencoder
-
     from conftest import TINY_MODEL
+
+    from infd.models import NeuralFieldAutoencoder
 
     root = tmp_path_factory.mktemp("hostile")
     NeuralFieldAutoencoder(**TINY_MODEL).save_pretrained(root / "ae")

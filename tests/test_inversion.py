@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_conditions import write_tiny_clip
 from typer.testing import CliRunner
 
 from infd.cli import app
-from infd.conditions import Critics, ImageRegion, TextRegion
 from infd.errors import InfdError
 from infd.geometry import Box
-from infd.inversion import InversionSpec, SolverConfig, condition_losses, invert, load_spec
+from infd.inversion import (
+    InversionSpec,
+    SolverConfig,
+    condition_losses,
+    invert,
+    load_spec,
+)
+from infd.inversion.conditions import Critics, ImageRegion, TextRegion
 from infd.latents import load_latent
 from infd.rendering import render
-
-from test_conditions import write_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,7 +43,7 @@ def clip_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def critics(clip_folder):
-    from infd.clip import load_clip
+    from infd.inversion.clip import load_clip
 
     return Critics(clip=load_clip(clip_folder))
 

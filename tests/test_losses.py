@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torchvision.models.vgg import cfgs, make_layers
 
 from infd.errors import InfdError
-from infd.losses import (
+from infd.models.discriminator import PatchDiscriminator
+from infd.training.losses import (
     FocalFrequencyLoss,
     LPIPSLoss,
     adaptive_gan_weight,
@@ -17,7 +18,6 @@ from infd.losses import (
     l1_loss,
     make_perceptual_loss,
 )
-from infd.models.discriminator import PatchDiscriminator
 
 
 def striped_image(size: int = 32) -> torch.Tensor:

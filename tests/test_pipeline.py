@@ -8,10 +8,11 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from PIL import Image
 
-from infd import rendering
+from infd import rendering, store
+from infd.diffusion.pipeline import INFDPipeline, load_pipeline
 from infd.errors import InfdError
 from infd.geometry import Box
-from infd.pipeline import INFDPipeline, find_pipeline, load_pipeline
+from infd.store import find_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -141,7 +142,7 @@ def test_finding_pipelines_and_clear_errors(make_tiny_pipeline, make_tiny_model,
     for step in ("step_0000010", "step_0000020"):
         make_tiny_pipeline().save_pretrained(run / step)
     assert find_pipeline(tmp_path / "run") == run / "step_0000020"
-    assert rendering.find_checkpoint(tmp_path / "run") == run / "step_0000020" / "autoencoder"
+    assert store.find_checkpoint(tmp_path / "run") == run / "step_0000020" / "autoencoder"
     # A pipeline whose autoencoder was swapped for one with other latents is refused.
     make_tiny_model(latent_channels=4).save_pretrained(run / "step_0000020" / "autoencoder")
     with pytest.raises(InfdError, match="use the autoencoder the LDM was trained with"):

@@ -4,15 +4,19 @@ import json
 
 import pytest
 import torch
+from conftest import write_pattern_image
 from typer.testing import CliRunner
 
 from infd.cli import app
 from infd.errors import InfdError
-from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, load_latent, save_latent
+from infd.latents import (
+    LATENT_SPACE_KEY,
+    latent_space_fingerprint,
+    load_latent,
+    save_latent,
+)
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import render
-
-from conftest import write_pattern_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -150,8 +154,8 @@ def test_reconstruct_refuses_a_non_finite_render(ae, broken_renderer, tmp_path):
 def test_the_viewer_answers_a_non_finite_tile_with_the_sentence(make_tiny_model, broken_renderer):
     from fastapi.testclient import TestClient
 
-    from infd.server.app import create_app
-    from infd.server.service import LatentBook, TileService
+    from infd.viewer.app import create_app
+    from infd.viewer.service import LatentBook, TileService
 
     model, book = make_tiny_model(), LatentBook()
     latent = book.add(torch.zeros(1, *model.latent_shape), "zeros", "a test latent", (64, 64))
@@ -242,7 +246,7 @@ def test_sigterm_is_handled_like_ctrl_c_and_removes_the_temporary(tmp_path):
     import os
     import signal
 
-    from infd.cli import sigterm_as_interrupt
+    from infd.commands.common import sigterm_as_interrupt
     from infd.files import atomic_path
 
     with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt(), atomic_path(tmp_path / "out.png") as tmp:
@@ -302,7 +306,7 @@ def test_a_full_disk_is_one_sentence_and_leaves_nothing(monkeypatch, tmp_path):
     ],
 )
 def test_training_configs_of_the_wrong_shape_are_named_in_one_sentence(values, message):
-    from infd.train_ae import AETrainConfig
+    from infd.training.autoencoder import AETrainConfig
 
     with pytest.raises(InfdError) as error:
         AETrainConfig.from_dict(values)
@@ -350,7 +354,7 @@ def test_serve_refuses_a_negative_cache(tmp_path):
 
 
 def test_lpips_weights_with_another_perceptual_loss_are_refused():
-    from infd.train_ae import AETrainConfig
+    from infd.training.autoencoder import AETrainConfig
 
     with pytest.raises(InfdError, match='set "perceptual" to "lpips" or "auto"'):
         AETrainConfig.from_dict({"perceptual": "ffl", "lpips_vgg": "vgg.pth"}).validate()
@@ -380,7 +384,7 @@ def test_resuming_drops_log_records_after_the_checkpoint(tmp_path):
 def test_optimizer_state_of_a_model_built_in_another_order_is_refused(tmp_path):
     import torch
 
-    from infd.checkpoint import load_optimizer_state
+    from infd.store import load_optimizer_state
 
     a, b = torch.nn.Linear(3, 5), torch.nn.Conv2d(2, 4, 3)
     saved = torch.optim.Adam([*a.parameters(), *b.parameters()])

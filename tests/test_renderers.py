@@ -1,12 +1,12 @@
 """Renderer variants: residual and anchored starts, the detail fade, the bilinear lookup, seam-free tiles for each."""
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from infd import geometry, metrics, rendering
+from infd import geometry, rendering
+from infd.evaluation import metrics
 from infd.geometry import Box
 from infd.models.renderers import FixedResolutionRenderer, detail_weight
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from infd import rendering
+from infd import rendering, store
 from infd.errors import InfdError
 from infd.geometry import Box
 from infd.models.renderers import RENDERERS
@@ -114,17 +114,17 @@ def test_save_and_load_round_trip(make_tiny_model, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert files == ["config.json", "diffusion_pytorch_model.safetensors"]
-    again = rendering.load_autoencoder(tmp_path / "ckpt")
+    again = store.load_autoencoder(tmp_path / "ckpt")
     z = torch.randn(1, *model.latent_shape)
     assert torch.equal(rendering.render(model, z, (24, 40)), rendering.render(again, z, (24, 40)))
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(InfdError, match="does not exist"):
-        rendering.load_autoencoder(tmp_path / "nope")
+        store.load_autoencoder(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InfdError, match="no checkpoint"):
-        rendering.load_autoencoder(tmp_path / "empty")
+        store.load_autoencoder(tmp_path / "empty")
 
 
 def test_bfloat16_render_is_close_to_float32(make_tiny_model):

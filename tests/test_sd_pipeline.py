@@ -12,9 +12,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from typer.testing import CliRunner
 
 from infd.cli import app
-from infd.convert import convert_vae
 from infd.errors import InfdError
-from infd.sd_pipeline import INFDStableDiffusionPipeline, load_sd_pipeline
+from infd.stable_diffusion.convert import convert_vae
+from infd.stable_diffusion.pipeline import INFDStableDiffusionPipeline, load_sd_pipeline
 
 TEXT_WIDTH = 16
 

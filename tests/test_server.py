@@ -12,13 +12,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from infd.cli import app as cli_app
-from infd.export import render_tiles
 from infd.geometry import Box
 from infd.images import to_uint8_hwc
 from infd.latents import load_latent, save_latent
 from infd.rendering import render
-from infd.server.app import create_app
-from infd.server.service import LatentBook, ServiceBusy, TileService
+from infd.viewer.app import create_app
+from infd.viewer.deepzoom import render_tiles
+from infd.viewer.service import LatentBook, ServiceBusy, TileService
 
 SIZE = (300, 420)  # the viewer's virtual image: small, so that every level is cheap
 TILE, OVERLAP = 62, 1  # tiles rendered at 64²
@@ -226,7 +226,7 @@ def test_bad_serve_options_fail_in_one_sentence(ae_folder, tmp_path):
 
 def test_a_loopback_viewer_refuses_another_host_header(served):
     """DNS rebinding: a web page whose name now points at 127.0.0.1 still sends its own name as Host."""
-    from infd.server.app import LOOPBACK_HOSTS
+    from infd.viewer.app import LOOPBACK_HOSTS
 
     service, latent, _ = served
     web = create_app(service.start(), latent.zid, allowed_hosts=LOOPBACK_HOSTS)

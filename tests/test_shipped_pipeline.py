@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from infd.diffusion.pipeline import load_pipeline
 from infd.geometry import Box
-from infd.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = ROOT / "weights" / "wallpapers"

@@ -2,12 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 from infd.errors import InfdError
-from infd.train_ae import AETrainConfig, checkpoint_dirs, train_autoencoder
-
-from conftest import TINY_MODEL
+from infd.store import checkpoint_dirs
+from infd.training.autoencoder import AETrainConfig, train_autoencoder
 
 
 def tiny_config(**overrides) -> AETrainConfig:

@@ -39,10 +39,10 @@ def server():
     from diffusers import UNet2DModel
 
     from infd.diffusion import make_training_scheduler
+    from infd.diffusion.pipeline import INFDPipeline
     from infd.models import NeuralFieldAutoencoder
-    from infd.pipeline import INFDPipeline
-    from infd.server.app import create_app
-    from infd.server.service import LatentBook, TileService
+    from infd.viewer.app import create_app
+    from infd.viewer.service import LatentBook, TileService
 
     torch.manual_seed(0)
     autoencoder = NeuralFieldAutoencoder(**{**TINY_MODEL, "renderer_hidden": 4, "renderer_blocks": 0}).eval()  # cheap tiles

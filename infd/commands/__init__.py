@@ -1,5 +1,12 @@
-"""CLI commands beyond training and rendering, one module per area.
+"""The `infd` commands, one module per stage; `infd.cli` puts them in one typer app.
 
-Each module registers its commands on `infd.cli.app` when imported; `infd.cli` imports
-them all at its end, so `infd --help` lists every command.
+    common            errors as one sentence, verbatim messages, shared option help
+    train             train-ae, encode-latents, train-ldm
+    render            reconstruct, sample, render, info
+    evaluate          eval-ae, eval-gen
+    viewer            serve
+    invert            invert
+    stable_diffusion  convert-vae, txt2img
+
+The modules import nothing from `infd.cli`, and heavy libraries only inside each command.
 """

@@ -7,13 +7,12 @@ from typing import List, Optional
 
 import typer
 
-from infd.cli import app, console, report, reports_errors
+from infd.commands.common import console, report, reports_errors
 from infd.errors import InfdError
 
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
 
-@app.command("eval-ae")
 @reports_errors
 def eval_ae(
     data: Path = typer.Option(..., "--data", help="Folder of ground-truth images at their native resolution."),
@@ -35,7 +34,7 @@ def eval_ae(
     import torch
 
     from infd import evaluation, rendering
-    from infd.metrics import LPIPSMetric
+    from infd.evaluation.metrics import LPIPSMetric
 
     scale_list = evaluation.parse_scales(scales)
     if tile <= 0 or strip_crop < 8:
@@ -57,7 +56,6 @@ def eval_ae(
     report("wrote", f"{written['json']}, {written['markdown'].name}, {written['plot'].name} and {len(result['strips'])} strips ({result['seconds']:.1f} s)")
 
 
-@app.command("eval-gen")
 @reports_errors
 def eval_gen(
     samples: List[str] = typer.Option(..., "--samples", help="Folder of generated images, or LABEL=DIR; repeat to compare several sets with the same real patches."),

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from infd.cli import app, report, reports_errors
+from infd.commands.common import report, reports_errors
 from infd.errors import InfdError
 
 TEXT_HELP = (
@@ -25,8 +25,8 @@ OUTPUT_LAYOUT = {
 
 def parse_text_condition(text: str):
     """"y0,x0,y1,x1:prompt" (or just "prompt", for the whole image) -> TextRegion."""
-    from infd.conditions import TextRegion, check_box
     from infd.geometry import Box
+    from infd.inversion.conditions import TextRegion, check_box
 
     head, sep, tail = text.partition(":")
     if sep and _is_four_numbers(head):
@@ -45,8 +45,9 @@ def _is_four_numbers(text: str) -> bool:
 
 def load_generator(ckpt: Path, device: str):
     """(autoencoder, pipeline or None) from a pipeline/LDM run, or an autoencoder alone."""
-    from infd.pipeline import find_pipeline, load_pipeline
-    from infd.rendering import load_autoencoder, pick_device
+    from infd.diffusion.pipeline import load_pipeline
+    from infd.rendering import pick_device
+    from infd.store import find_pipeline, load_autoencoder
 
     try:
         folder = find_pipeline(ckpt)
@@ -56,7 +57,6 @@ def load_generator(ckpt: Path, device: str):
     return pipe.autoencoder, pipe
 
 
-@app.command("invert")
 @reports_errors
 def invert_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Pipeline folder or `infd train-ldm` run (both solvers), or an autoencoder alone (solver optimize with the norm prior)."),
@@ -104,7 +104,7 @@ def invert_command(
             "invert at a smaller --size and render any region of OUT/z.safetensors at any size with `infd render`."
         )
     if problem.needs_clip and not problem.clip:
-        from infd.clip import MISSING_CLIP
+        from infd.inversion.clip import MISSING_CLIP
 
         raise InfdError(MISSING_CLIP)
 
@@ -132,15 +132,15 @@ def _build_spec(spec_path: Optional[Path], texts: list[str]):
 
 
 def _critics(problem, device):
-    from infd.conditions import Critics
+    from infd.inversion.conditions import Critics
 
     critics = Critics()
     if problem.needs_clip:
-        from infd.clip import load_clip
+        from infd.inversion.clip import load_clip
 
         critics.clip = load_clip(problem.clip, problem.clip_arch, device)
     if problem.needs_lpips:
-        from infd.losses import LPIPSLoss
+        from infd.training.losses import LPIPSLoss
 
         if not problem.lpips_vgg:
             raise InfdError("an image condition with loss 'lpips' needs VGG16 weights: pass --lpips-vgg PATH, or use loss 'l1'.")
@@ -151,10 +151,10 @@ def _critics(problem, device):
 def write_outputs(out: Path, model, problem, result, critics, seconds: float, ckpt: str) -> None:
     """Everything into a temporary folder renamed to `out` at the end (nothing half-written)."""
     from infd import images
+    from infd.diffusion.pipeline import render_to_array
     from infd.files import atomic_directory
     from infd.inversion import render_conditions, spec_to_dict
     from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
-    from infd.pipeline import render_to_array
     from infd.rendering import render_dtype
 
     canvas = problem.canvas

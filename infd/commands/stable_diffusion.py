@@ -8,11 +8,10 @@ from typing import Optional
 
 import typer
 
-from infd.cli import BOX_HELP, SIZE_HELP, app, report, reports_errors
+from infd.commands.common import BOX_HELP, SIZE_HELP, report, reports_errors
 from infd.errors import InfdError
 
 
-@app.command("convert-vae")
 @reports_errors
 def convert_vae(
     vae: Path = typer.Option(..., "--vae", help="A local diffusers AutoencoderKL or VQModel folder (or an SD folder: its vae/), or a .safetensors VAE in the original SD layout."),
@@ -26,8 +25,8 @@ def convert_vae(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `infd convert-vae` output at --out (never a folder holding anything else)."),
 ):
     """Convert an LDM autoencoder (Stable Diffusion's VAE, VQ-f4) into a neural-field autoencoder."""
-    from infd.convert import FINETUNE_CONFIG
-    from infd.convert import convert_vae as convert
+    from infd.stable_diffusion.convert import FINETUNE_CONFIG
+    from infd.stable_diffusion.convert import convert_vae as convert
 
     if renderer_hidden <= 0 or renderer_blocks < 0:
         raise InfdError(f"--renderer-hidden must be positive and --renderer-blocks 0 or more, got {renderer_hidden} and {renderer_blocks}.")
@@ -42,7 +41,6 @@ def convert_vae(
     )
 
 
-@app.command()
 @reports_errors
 def txt2img(
     prompt: str = typer.Option(..., "--prompt", help="What to draw."),
@@ -67,9 +65,9 @@ def txt2img(
 
     from infd import geometry, images, rendering
     from infd.diffusion import SAMPLERS
+    from infd.diffusion.pipeline import render_to_array
     from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
-    from infd.pipeline import render_to_array
-    from infd.sd_pipeline import load_sd_pipeline
+    from infd.stable_diffusion.pipeline import load_sd_pipeline
 
     if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
         raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")

@@ -16,7 +16,6 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError
-from infd.models.trunks import SRDecoder, SREncoder
 from infd.models.renderers import (
     LOOKUPS,
     RENDERERS,
@@ -25,6 +24,7 @@ from infd.models.renderers import (
     ResidualCLIFRenderer,
     make_renderer,
 )
+from infd.models.trunks import SRDecoder, SREncoder
 
 LATENT_TYPES = ("kl", "vq")
 TRUNKS = ("vae", "sr")  # diffusers' VAE Encoder/Decoder (SD's blocks), or infd.models.trunks' normalisation-free SR trunk

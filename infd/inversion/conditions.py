@@ -36,7 +36,7 @@ import torch
 from infd.errors import InfdError
 from infd.geometry import Box, Size, check_inside_image
 from infd.images import load_image
-from infd.losses import l1_loss
+from infd.training.losses import l1_loss
 
 IMAGE_LOSSES = ("l1", "lpips")
 MIN_REGION_SIDE = 8  # observations smaller than this say nothing a renderer can be checked against
@@ -46,8 +46,8 @@ MIN_REGION_SIDE = 8  # observations smaller than this say nothing a renderer can
 class Critics:
     """The pretrained networks conditions may need; None where the spec needs none."""
 
-    clip: object | None = None  # infd.clip.CLIPScorer
-    lpips: torch.nn.Module | None = None  # infd.losses.LPIPSLoss
+    clip: object | None = None  # infd.inversion.clip.CLIPScorer
+    lpips: torch.nn.Module | None = None  # infd.training.losses.LPIPSLoss
 
 
 def check_box(box: Box | tuple | list | str, what: str = "condition") -> Box:
@@ -133,7 +133,7 @@ def square_windows(region: torch.Tensor, side: int) -> torch.Tensor:
 
 def _clip(critics: Critics):
     if critics.clip is None:
-        from infd.clip import MISSING_CLIP
+        from infd.inversion.clip import MISSING_CLIP
 
         raise InfdError(MISSING_CLIP)
     return critics.clip

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,7 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from infd import geometry, losses
-from infd.checkpoint import (
-    load_optimizer_state,
-    load_training_state,
-    restore_rng_states,
-    rng_states,
-    save_training_state,
-)
+from infd import geometry
 from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
 from infd.errors import InfdError
 from infd.files import atomic_directory
@@ -42,10 +34,25 @@ from infd.geometry import Box
 from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
-from infd.rendering import encode, find_checkpoint, render_window, to_unit_rgb
-from infd.training import StepTrainer, check_common_options, check_option_types, step_loader
-
-MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"
+from infd.rendering import encode, render_window, to_unit_rgb
+from infd.store import (
+    MODEL_WEIGHTS,
+    checkpoint_dirs,
+    find_checkpoint,
+    load_optimizer_state,
+    load_training_state,
+    read_config_file,
+    restore_rng_states,
+    rng_states,
+    save_training_state,
+)
+from infd.training import (
+    StepTrainer,
+    check_common_options,
+    check_option_types,
+    losses,
+    step_loader,
+)
 
 
 @dataclass
@@ -116,24 +123,6 @@ class AETrainConfig:
         check_common_options(self)
         if self.lpips_vgg and self.perceptual not in ("auto", "lpips"):
             raise InfdError(f"lpips_vgg (--lpips-vgg) is given but the config's perceptual loss is '{self.perceptual}'; set \"perceptual\" to \"lpips\" or \"auto\" to train with LPIPS.")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The JSON object in a training config file; a missing or malformed file is an InfdError."""
-    try:
-        values = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InfdError(f"config file '{path}' does not exist.") from None
-    except json.JSONDecodeError as error:
-        raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
-    if not isinstance(values, dict):
-        raise InfdError(f"config file '{path}' must hold a JSON object of training options, like the files in configs/.")
-    return values
-
-
-def checkpoint_dirs(run: Path, marker: str = "config.json") -> list[Path]:
-    """A run's complete checkpoints, oldest first (`marker`: the file every one of them holds)."""
-    return sorted(p for p in (run / "checkpoints").glob("step_*") if (p / marker).is_file())
 
 
 def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:

@@ -21,7 +21,6 @@ head and upsamples them (bicubic, or Lanczos with upsample="lanczos"): the basel
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,10 +35,10 @@ from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, render
+from infd.store import find_pipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UPSAMPLERS = ("bicubic", "lanczos")
-PIPELINE_INDEX = "model_index.json"
 
 
 def check_compatible(autoencoder: NeuralFieldAutoencoder, unet: UNet2DModel) -> None:
@@ -252,21 +251,6 @@ def to_output(images: torch.Tensor, output_type: str):
 
 
 # ---------------------------------------------------------------- loading
-
-
-def find_pipeline(path: str | os.PathLike) -> Path:
-    """The pipeline folder `path` names: a pipeline folder, or an LDM run (its newest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise InfdError(f"checkpoint '{path}' does not exist; pass a run folder from `infd train-ldm`, one of its checkpoints or a pipeline folder.")
-    if (path / PIPELINE_INDEX).is_file():
-        return path
-    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if (p / PIPELINE_INDEX).is_file())
-    if steps:
-        return steps[-1]
-    if (path / "config.json").is_file() or any((path / "checkpoints").glob("step_*/config.json")):
-        raise InfdError(f"'{path}' is an autoencoder, not a latent diffusion model; pass a run from `infd train-ldm` or a pipeline folder.")
-    raise InfdError(f"'{path}' holds no pipeline ({PIPELINE_INDEX} or checkpoints/step_*/{PIPELINE_INDEX}); pass a run from `infd train-ldm` or a pipeline folder.")
 
 
 def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu") -> INFDPipeline:

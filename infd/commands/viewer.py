@@ -8,11 +8,10 @@ from typing import Optional
 
 import typer
 
-from infd.cli import app, report, reports_errors
+from infd.commands.common import report, reports_errors
 from infd.errors import InfdError
 
 
-@app.command("serve")
 @reports_errors
 def serve(
     ckpt: Path = typer.Option(..., "--ckpt", help="An INFDPipeline (LDM run or pipeline folder: new samples by seed) or an autoencoder (then pass --z or --image)."),
@@ -39,8 +38,8 @@ def serve(
     import uvicorn
 
     from infd import geometry
-    from infd.server.app import LOOPBACK_HOSTS, create_app
-    from infd.server.service import TileService, open_latents
+    from infd.viewer.app import LOOPBACK_HOSTS, create_app
+    from infd.viewer.service import TileService, open_latents
 
     if not 0 < port < 65536:
         raise InfdError(f"--port must be from 1 to 65535, got {port}.")

@@ -39,16 +39,16 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 from infd import geometry
-from infd.conditions import (
+from infd.diffusion import check_seed
+from infd.errors import InfdError
+from infd.geometry import Box, Size
+from infd.inversion.conditions import (
     Condition,
     Critics,
     TextRegion,
     condition_from_dict,
     condition_to_dict,
 )
-from infd.diffusion import check_seed
-from infd.errors import InfdError
-from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import render_window
 
@@ -101,7 +101,7 @@ class InversionSpec:
     conditions: list[Condition]
     canvas: Size = DEFAULT_CANVAS
     solver: SolverConfig = field(default_factory=SolverConfig)
-    clip: str | None = None  # local CLIP (see infd.clip.load_clip)
+    clip: str | None = None  # local CLIP (see infd.inversion.clip.load_clip)
     clip_arch: str | None = None
     lpips_vgg: str | None = None  # local VGG16 weights for "lpips" image losses
     init: str | None = None  # an image whose encoding starts z (norm prior only)
@@ -451,7 +451,7 @@ def invert(
     config = spec.solver.check()
     critics = critics or Critics()
     if spec.needs_clip and critics.clip is None:
-        from infd.clip import MISSING_CLIP
+        from infd.inversion.clip import MISSING_CLIP
 
         raise InfdError(MISSING_CLIP)
     device = next(model.parameters()).device

@@ -30,11 +30,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from infd import geometry
 from infd.diffusion import check_sampling, make_sampler, step_options
+from infd.diffusion.pipeline import OUTPUT_TYPES, to_output
 from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
-from infd.pipeline import OUTPUT_TYPES, PIPELINE_INDEX, to_output
-from infd.rendering import DEFAULT_TILE, autocast, load_autoencoder, pick_device, render
+from infd.rendering import DEFAULT_TILE, autocast, pick_device, render
+from infd.store import PIPELINE_INDEX, load_autoencoder
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 SD_LAYOUT = "a Stable Diffusion folder in the diffusers layout (model_index.json, text_encoder/, tokenizer/, unet/, scheduler/)"

@@ -34,13 +34,6 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
-from infd.checkpoint import (
-    load_optimizer_state,
-    load_training_state,
-    restore_rng_states,
-    rng_states,
-    save_training_state,
-)
 from infd.data import StepBatchSampler, epoch_order, list_images, mix_seed
 from infd.diffusion import (
     PREDICTION_TYPES,
@@ -48,6 +41,7 @@ from infd.diffusion import (
     diffusion_loss,
     make_training_scheduler,
 )
+from infd.diffusion.pipeline import INFDPipeline
 from infd.errors import InfdError, first_line
 from infd.files import atomic_directory
 from infd.images import save_image
@@ -58,14 +52,29 @@ from infd.latents import (
     latent_std,
     weights_fingerprint,
 )
-from infd.pipeline import INFDPipeline
-from infd.rendering import load_autoencoder, render
-from infd.train_ae import MODEL_WEIGHTS, checkpoint_dirs, ema_weights, read_config_file
-from infd.training import StepTrainer, check_common_options, check_option_types, step_loader
+from infd.rendering import render
+from infd.store import (
+    MODEL_WEIGHTS,
+    PIPELINE_INDEX,
+    checkpoint_dirs,
+    load_autoencoder,
+    load_optimizer_state,
+    load_training_state,
+    read_config_file,
+    restore_rng_states,
+    rng_states,
+    save_training_state,
+)
+from infd.training import (
+    StepTrainer,
+    check_common_options,
+    check_option_types,
+    step_loader,
+)
+from infd.training.autoencoder import ema_weights
 
 log = logging.getLogger(__name__)
 
-PIPELINE_MARKER = "model_index.json"
 
 
 @dataclass
@@ -228,7 +237,7 @@ class LDMTrainer(StepTrainer):
         if (latents is None) == (data is None):
             raise InfdError("pass exactly one of --latents (a cache from `infd encode-latents`) and --data (encode images on the fly).")
         self.config, self.out, self.progress = config, Path(out), progress
-        existing = checkpoint_dirs(self.out, PIPELINE_MARKER)
+        existing = checkpoint_dirs(self.out, PIPELINE_INDEX)
         if resume and not existing:
             raise InfdError(f"--resume was given but '{self.out}' has no checkpoint to resume from.")
         if not resume and existing:
@@ -357,7 +366,7 @@ class LDMTrainer(StepTrainer):
         return self.unet
 
     def last_checkpoint(self) -> Path:
-        return checkpoint_dirs(self.out, PIPELINE_MARKER)[-1]
+        return checkpoint_dirs(self.out, PIPELINE_INDEX)[-1]
 
     def ema_weights(self):
         """The UNet holds its EMA weights inside this context (a no-op without EMA)."""
@@ -407,7 +416,7 @@ class LDMTrainer(StepTrainer):
             with self.ema_weights():
                 self.pipeline().save_pretrained(tmp, safe_serialization=True)
             save_training_state(Path(tmp), state)
-        for old in checkpoint_dirs(self.out, PIPELINE_MARKER)[: -self.config.keep_checkpoints]:
+        for old in checkpoint_dirs(self.out, PIPELINE_INDEX)[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, folder: Path, state: dict[str, Any]) -> dict | None:

@@ -39,9 +39,10 @@ import torch
 from tqdm.auto import tqdm
 
 import infd
-from infd import geometry, metrics, rendering
+from infd import geometry, rendering, store
 from infd.data import WALLPAPER_HOLDOUT, list_images
 from infd.errors import InfdError
+from infd.evaluation import metrics
 from infd.files import atomic_path
 from infd.geometry import Box, Size
 from infd.images import ImageError, load_image, resize, save_image
@@ -300,9 +301,9 @@ def load_models(specs: list[ModelSpec], device: torch.device) -> list[EvalModel]
         raise InfdError("nothing to evaluate: pass --ckpt RUN, or one or more --model LABEL=PATH[:renderer].")
     models = []
     for spec in specs:
-        model = rendering.load_autoencoder(spec.path, device)
+        model = store.load_autoencoder(spec.path, device)
         model.get_renderer(spec.renderer)
-        evaluated = EvalModel("", model, spec.renderer, str(rendering.find_checkpoint(spec.path)))
+        evaluated = EvalModel("", model, spec.renderer, str(store.find_checkpoint(spec.path)))
         evaluated.label = spec.label or default_label(evaluated.renderer_name)
         models.append(evaluated)
     labels = [m.label for m in models]
@@ -787,7 +788,7 @@ def evaluate_generated(
             "patches_per_image": per_image,
             "seed": seed,
             "inception": str(inception) if inception else None,
-            "random_features": "infd.metrics.RandomConvFeatures(seed=0)",
+            "random_features": "infd.evaluation.metrics.RandomConvFeatures(seed=0)",
         },
         "real": {"images": real_set.images, "skipped": real_set.skipped, "too_small": dict(real_set.too_small)},
         "samples": sets,

@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, VQModel
 from infd.errors import InfdError, first_line
 from infd.files import atomic_directory, check_output_path, check_replaceable
 from infd.models import NeuralFieldAutoencoder
-from infd.train_ae import AETrainConfig
+from infd.training.autoencoder import AETrainConfig
 
 SOURCE_CLASSES = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 # The LDM default; SDXL's VAE uses 0.13025 (pass scaling_factor for single files of other models).

@@ -35,9 +35,15 @@ import torch
 
 from infd import geometry
 from infd.errors import InfdError
-from infd.export import TILE_FORMATS, DeepZoom, LatentField, encode_tile, render_tiles
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
+from infd.viewer.deepzoom import (
+    TILE_FORMATS,
+    DeepZoom,
+    LatentField,
+    encode_tile,
+    render_tiles,
+)
 
 DEFAULT_VIRTUAL_SIDE = 65536
 MAX_SEED = 2**32 - 1
@@ -448,10 +454,11 @@ def open_latents(
     from pathlib import Path
 
     from infd.diffusion import SAMPLERS, check_sampling
+    from infd.diffusion.pipeline import load_pipeline
     from infd.images import image_size
     from infd.latents import load_latent_for
-    from infd.pipeline import find_pipeline, load_pipeline
-    from infd.rendering import encode, find_checkpoint, load_autoencoder, pick_device
+    from infd.rendering import encode, pick_device
+    from infd.store import find_checkpoint, find_pipeline, load_autoencoder
 
     if sum(x is not None for x in (z_file, image, seed)) > 1:
         raise InfdError("pass at most one of --z, --image and --seed.")

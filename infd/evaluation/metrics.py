@@ -215,7 +215,7 @@ def blockiness(image: torch.Tensor, edge_rows: torch.Tensor, edge_cols: torch.Te
 
 
 class LPIPSMetric:
-    """LPIPS (VGG16) per image, from infd.losses.LPIPSLoss; large images go tile by tile.
+    """LPIPS (VGG16) per image, from infd.training.losses.LPIPSLoss; large images go tile by tile.
 
     vgg_path: torchvision's vgg16 state dict (.pth/.safetensors). random_backbone=True
     without a path keeps a random VGG (tests only). Images above `tile` pixels a side are
@@ -225,7 +225,9 @@ class LPIPSMetric:
     """
 
     def __init__(self, vgg_path: str | Path | None = None, device: str | torch.device = "cpu", random_backbone: bool = False, tile: int = LPIPS_TILE):
-        from infd.losses import LPIPSLoss  # imports lpips (and torchvision): only when asked for
+        from infd.training.losses import (
+            LPIPSLoss,  # imports lpips (and torchvision): only when asked for
+        )
 
         self.loss = LPIPSLoss(vgg_path, random_backbone=random_backbone).to(device)
         self.device = torch.device(device)
@@ -366,7 +368,9 @@ class InceptionFeatures:
         if not path.is_file():
             raise InfdError(f"Inception weights file {path} does not exist. " + _MISSING_INCEPTION)
         state = _read_inception_state(path)
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import (
+            FeatureExtractorInceptionV3,
+        )
 
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -28,9 +28,9 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from infd import geometry
 from infd.errors import InfdError
-from infd.export import TILE_FORMATS, encode_tile
 from infd.geometry import Box
-from infd.server.service import NotFound, ServiceBusy, TileService
+from infd.viewer.deepzoom import TILE_FORMATS, encode_tile
+from infd.viewer.service import NotFound, ServiceBusy, TileService
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 TILE_NAME = re.compile(r"(\d{1,9})_(\d{1,9})\.([a-z]{3,4})")

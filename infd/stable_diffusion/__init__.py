@@ -1,0 +1,1 @@
+"""Stable Diffusion parts: converting SD autoencoders (`convert`) and the text-to-image pipeline (`pipeline`)."""

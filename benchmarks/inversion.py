@@ -57,7 +57,7 @@ from infd.geometry import Box, crop_box, parse_size
 from infd.inversion import condition_losses
 from infd.inversion.conditions import Critics, ImageRegion
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import render_window
+from infd.rendering import render_prepared
 
 MODELS = {
     "paper": dict(input_size=256, latent_channels=3, block_out_channels=(128, 256, 256), layers_per_block=2, renderer_hidden=256),
@@ -94,7 +94,7 @@ def region_conditions(canvas: int, region: int = REGION) -> list[ImageRegion]:
 
 def naive_losses(model: NeuralFieldAutoencoder, z: torch.Tensor, conditions: list[ImageRegion], canvas: int) -> torch.Tensor:
     """The same losses, from the whole canvas rendered differentiably and then cropped."""
-    full = (render_window(model, model.prepare_render(z), Box.full(), (canvas, canvas)) + 1) / 2
+    full = (render_prepared(model, model.prepare_render(z), Box.full(), (canvas, canvas)) + 1) / 2
     losses = []
     for condition in conditions:
         top, left, bottom, right = (round(v) for v in condition.box.to_pixels((canvas, canvas)))

@@ -67,7 +67,7 @@ from infd.diffusion import make_sampler, make_training_scheduler, sample
 from infd.diffusion.pipeline import lanczos_resize, load_pipeline
 from infd.geometry import Box, parse_size
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import ArraySink, render_window
+from infd.rendering import ArraySink, render_prepared
 from infd.training.ldm import LDMTrainConfig, build_unet
 
 PAPER_AE = dict(input_size=256, latent_channels=3, block_out_channels=(128, 256, 256), layers_per_block=2, renderer_hidden=256, renderer_blocks=2)
@@ -143,11 +143,11 @@ def render_image(ae, state: torch.Tensor, method: str, size, tile: int, dtype: t
     with autocast(state.device, dtype):
         if upsample == "lanczos":  # the fixed image at its native size, then PIL Lanczos
             native = ae.feature_shape[1:]
-            low = ((render_window(ae, state, Box.full(), native, renderer=renderer).float() + 1) / 2).clamp(0, 1)
+            low = ((render_prepared(ae, state, Box.full(), native, renderer=renderer).float() + 1) / 2).clamp(0, 1)
             sink(geometry.Window(0, 0, *size), lanczos_resize(low, size, Box.full()))
             return canvas
         for window in geometry.tiles(size, tile):
-            rgb = render_window(ae, state, Box.full(), size, window, renderer)
+            rgb = render_prepared(ae, state, Box.full(), size, window, renderer)
             sink(window, ((rgb.float() + 1) / 2).clamp(0, 1).cpu())
     return canvas
 

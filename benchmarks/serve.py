@@ -59,8 +59,9 @@ from common import (
 
 from infd.geometry import parse_size
 from infd.models import NeuralFieldAutoencoder
+from infd.rendering import LatentField
 from infd.store import find_checkpoint, load_autoencoder
-from infd.viewer.deepzoom import LatentField, export_tiff
+from infd.viewer.deepzoom import export_tiff
 from infd.viewer.service import LatentBook, TileService
 
 # The paper's autoencoder (z 3x64x64, phi 128x256x256, CLIF width 256), random weights.

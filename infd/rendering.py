@@ -4,6 +4,8 @@
     z = encode(model, "photo.jpg")                       # (1, C, h, w), any input size
     img = render(model, z, size=(1536, 2048))            # (1, 3, 1536, 2048) in [0, 1]
     crop = render(model, z, size=(512, 512), box=Box(-0.25, -0.25, 0.25, 0.25))
+    field = LatentField(model, z)                        # phi decoded once, for many renders
+    small, large = field.image((256, 256)), field.image((2048, 2048))
 
 The feature map is decoded once per call; the renderer then runs tile by tile, so memory
 does not grow with the output size. Outputs too large to hold go to a `sink` (a callable
@@ -12,6 +14,7 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
 
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from infd import geometry
 from infd.errors import InfdError
 from infd.geometry import Box, Size, Window
-from infd.images import load_image, pil_to_tensor, resize
+from infd.images import load_image, pil_to_tensor, resize, to_uint8_hwc
 from infd.models import NeuralFieldAutoencoder
 
 # Largest output returned as one tensor (B * H * W pixels, 12 bytes each): 8192² fits.
@@ -88,20 +91,6 @@ def check_latent(model: NeuralFieldAutoencoder, z: torch.Tensor) -> torch.Tensor
     return z
 
 
-def render_window(
-    model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, size: Size, window: Window | None = None, renderer: str | None = None
-) -> torch.Tensor:
-    """Differentiable render of `window` of an H x W grid over `box`: (B, 3, h, w) in about [-1, 1].
-
-    `state` is `model.prepare_render(z, renderer)`; the window's halo (that of `renderer`,
-    default the model's own) is added here.
-    """
-    ys, xs = geometry.window_centers(box, size, window, halo=model.get_renderer(renderer).halo)
-    b = state.shape[0]
-    cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
-    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
-
-
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU instructions that make bfloat16 convolutions fast
 
 
@@ -149,6 +138,115 @@ def finished_tile(rgb: torch.Tensor) -> torch.Tensor:
     return to_unit_rgb(rgb)
 
 
+def render_prepared(
+    model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, size: Size, window: Window | None = None, renderer: str | None = None
+) -> torch.Tensor:
+    """Differentiable render of `window` of an H x W grid over `box`: (B, 3, h, w) in about [-1, 1].
+
+    `state` is `model.prepare_render(z, renderer)` (phi, decoded once); the window's halo
+    (that of `renderer`, default the model's own) is added here. Training and inversion
+    call this directly; everything that only looks at pixels goes through `LatentField`.
+    """
+    ys, xs = geometry.window_centers(box, size, window, halo=model.get_renderer(renderer).halo)
+    b = state.shape[0]
+    cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
+    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
+
+
+class LatentField:
+    """The neural fields of latents z (B, C, h, w): phi decoded once, then any windows of any grids rendered.
+
+    `box` is the region every grid spans (default: the whole image); `dtype`
+    (bfloat16/float16) renders under autocast; `renderer="fixed"` renders the fixed head
+    upsampled (the baseline). `render`, `image` and `tiles` all return finished pixels:
+    float32 in [0, 1] on the CPU, refusing NaN or infinite ones. `infd render`,
+    `infd reconstruct`, the exports, the viewer and the evaluation all render through here.
+    """
+
+    def __init__(
+        self,
+        model: NeuralFieldAutoencoder,
+        z: torch.Tensor,
+        box: Box | None = None,
+        renderer: str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        model.get_renderer(renderer)  # an unknown or missing renderer fails before any work
+        param = next(model.parameters())
+        z = check_latent(model, z)
+        self.model, self.box, self.renderer, self.dtype = model, box or Box.full(), renderer, dtype
+        self.device = param.device
+        self.batch = z.shape[0]
+        self.halo = model.get_renderer(renderer).halo
+        with torch.no_grad(), autocast(self.device, dtype):
+            self.state = model.prepare_render(z.to(param.device, param.dtype), renderer)
+
+    @torch.no_grad()
+    def render(self, requests: Sequence[tuple[Size, Window]], box: Box | None = None) -> torch.Tensor:
+        """Windows of equal size, each of its own grid (size, window) over `box` (default: the field's).
+
+        Returns (n, 3, h, w) for n requests of one latent, or (B, 3, h, w) for one request
+        of B latents. Windows of several grids (Deep Zoom levels) go into one renderer
+        call, which is what makes serving tiles to many clients cheap on a GPU.
+        """
+        box = box or self.box
+        shapes = {(window.height, window.width) for _, window in requests}
+        if len(shapes) != 1:
+            raise InfdError(f"windows rendered together must all have one size, got {sorted(shapes)}.")
+        if self.batch > 1 and len(requests) > 1:
+            raise InfdError(f"windows of several grids are rendered together for one latent only, this field holds {self.batch}.")
+        if len(requests) == 1:
+            (size, window), = requests
+            with autocast(self.device, self.dtype):
+                return finished_tile(render_prepared(self.model, self.state, box, size, window, self.renderer))
+        centers = [geometry.window_centers(box, size, window, self.halo) for size, window in requests]
+        ys = torch.stack([y for y, _ in centers])
+        xs = torch.stack([x for _, x in centers])
+        cell = torch.tensor([geometry.cell_size(box, size) for size, _ in requests], dtype=torch.float64)
+        state = self.state.expand(len(requests), *self.state.shape[1:])  # a view: phi is not copied
+        with autocast(self.device, self.dtype):
+            rgb = self.model.render_window(state, ys, xs, cell, self.renderer)
+        return finished_tile(rgb)
+
+    def image(
+        self,
+        size: Size,
+        tile: int | Size | None = DEFAULT_TILE,
+        sink: Sink | None = None,
+        max_pixels: int = MAX_RENDER_PIXELS,
+        progress: bool = False,
+        box: Box | None = None,
+    ) -> torch.Tensor | None:
+        """The whole H x W grid over `box`, tile by tile: (B, 3, H, W), or None when a `sink` takes the tiles."""
+        size = geometry.check_size(size)
+        check_render_memory(self.batch, size, sink, max_pixels)
+        windows = geometry.tiles(size, size if tile is None else geometry.check_tile(tile))
+        output = None if sink is not None else torch.empty(self.batch, 3, *size)
+        for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
+            rgb = self.render([(size, window)], box)
+            if output is None:
+                sink(window, rgb)
+            else:
+                output[:, :, window.top : window.top + window.height, window.left : window.left + window.width] = rgb
+        return output
+
+    def tiles(self, size: Size, tile: int | Size, box: Box | None = None) -> Iterator[tuple[Window, np.ndarray]]:
+        """The H x W grid over `box` of the first latent tile by tile, row-major: (window, (h, w, 3) uint8)."""
+        for window in geometry.tiles(size, tile):
+            yield window, to_uint8_hwc(self.render([(size, window)], box)[:1])
+
+
+def check_render_memory(batch: int, size: Size, sink: Sink | None, max_pixels: int = MAX_RENDER_PIXELS) -> None:
+    """Refuse a render returned as one tensor that would not fit (12 bytes a pixel): pass a sink instead."""
+    h, w = size
+    if sink is None and batch * h * w > max_pixels:
+        gib = batch * h * w * 12 / 2**30
+        raise InfdError(
+            f"a {w}x{h} render of {batch} image(s) would need {gib:.1f} GiB in memory; "
+            "pass a sink (e.g. infd.rendering.ArraySink over a numpy memmap) or a smaller size."
+        )
+
+
 @torch.no_grad()
 def render(
     model: NeuralFieldAutoencoder,
@@ -168,31 +266,14 @@ def render(
     tiles (each call: sink(window, tile (B, 3, h, w))). `tile=None` renders in one piece;
     the result is the same for every tile size. `dtype` (bfloat16/float16) runs the
     renderer under autocast. `renderer="fixed"` renders with the model's fixed-resolution
-    head (the upsampled baseline) instead of its own renderer.
+    head (the upsampled baseline) instead of its own renderer. Every check runs before phi
+    is decoded.
     """
     size = geometry.check_size(size)
-    box = box or Box.full()
-    model.get_renderer(renderer)  # an unknown or missing renderer fails before any work
-    param = next(model.parameters())
-    z = check_latent(model, z).to(param.device, param.dtype)
-    b, (h, w) = z.shape[0], size
-    if sink is None and b * h * w > max_pixels:
-        gib = b * h * w * 12 / 2**30
-        raise InfdError(
-            f"a {w}x{h} render of {b} image(s) would need {gib:.1f} GiB in memory; "
-            "pass a sink (e.g. infd.rendering.ArraySink over a numpy memmap) or a smaller size."
-        )
-    windows = geometry.tiles(size, size if tile is None else geometry.check_tile(tile))
-    output = None if sink is not None else torch.empty(b, 3, h, w)
-    with autocast(param.device, dtype):
-        state = model.prepare_render(z, renderer)
-        for window in tqdm(windows, desc="render", unit="tile", disable=not progress or len(windows) == 1):
-            rgb = finished_tile(render_window(model, state, box, size, window, renderer))
-            if output is None:
-                sink(window, rgb)
-            else:
-                output[:, :, window.top : window.top + window.height, window.left : window.left + window.width] = rgb
-    return output
+    model.get_renderer(renderer)
+    z = check_latent(model, z)
+    check_render_memory(z.shape[0], size, sink, max_pixels)
+    return LatentField(model, z, box, renderer, dtype).image(size, tile, sink, max_pixels, progress)
 
 
 class ArraySink:

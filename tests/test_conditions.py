@@ -20,7 +20,7 @@ from infd.inversion.conditions import (
     condition_from_dict,
     square_windows,
 )
-from infd.rendering import render, render_window
+from infd.rendering import render, render_prepared
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +96,7 @@ def test_region_only_gradients_equal_those_of_rendering_the_canvas_and_cropping(
     z = random_latent(model).requires_grad_(True)
     regional = condition_losses(model, z, conditions, Critics(), canvas).sum()
     (grad_regional,) = torch.autograd.grad(regional, z)
-    full = (render_window(model, model.prepare_render(z), Box.full(), canvas) + 1) / 2
+    full = (render_prepared(model, model.prepare_render(z), Box.full(), canvas) + 1) / 2
     naive = sum((full[..., t : t + s[0], l : l + s[1]] - target[None]).abs().mean() for (t, l, s), target in zip(crops, targets))
     (grad_naive,) = torch.autograd.grad(naive, z)
     torch.testing.assert_close(regional.detach(), naive.detach(), atol=1e-6, rtol=1e-5)

@@ -21,9 +21,9 @@ from infd.cli import app
 from infd.geometry import Box
 from infd.images import to_uint8_hwc
 from infd.latents import save_latent
-from infd.rendering import render
+from infd.rendering import LatentField, render
 from infd.viewer import deepzoom
-from infd.viewer.deepzoom import DeepZoom, LatentField, render_tiles
+from infd.viewer.deepzoom import DeepZoom, render_tiles
 
 # A renderer this narrow renders 4096² in a few seconds on one core: big exports stay testable.
 LIGHT = dict(renderer_hidden=4, renderer_blocks=0)
@@ -148,7 +148,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys, torch
     torch.set_num_threads(1)
-    from infd.viewer.deepzoom import LatentField, export_tiff
+    from infd.rendering import LatentField
+    from infd.viewer.deepzoom import export_tiff
     from infd.models import NeuralFieldAutoencoder
     torch.manual_seed(0)
     model = NeuralFieldAutoencoder(**json.loads(sys.argv[1])).eval()

@@ -47,7 +47,7 @@ def test_training_pass_renders_the_same_window_with_both_heads(make_tiny_model):
     cell = torch.tensor(geometry.cell_size(Box.full(), size), dtype=torch.float64)[None]
     out = model(x, ys[None], xs[None], cell, sample=False)
     state = model.prepare_render(model.encode(x), "fixed")
-    expected = rendering.render_window(model, state, Box.full(), size, window, renderer="fixed")
+    expected = rendering.render_prepared(model, state, Box.full(), size, window, renderer="fixed")
     assert out["pred_fixed"].shape == out["pred"].shape == (1, 3, 16, 16)
     assert torch.allclose(out["pred_fixed"], expected, atol=1e-5)
 

@@ -134,13 +134,13 @@ def test_solvers_render_only_the_condition_regions_never_the_canvas(pipe, monkey
     import infd.inversion
 
     sizes = []
-    real = infd.inversion.render_window
+    real = infd.inversion.render_prepared
 
     def spy(model, state, box, size, window=None, renderer=None):
         sizes.append(tuple(size))
         return real(model, state, box, size, window, renderer)
 
-    monkeypatch.setattr(infd.inversion, "render_window", spy)
+    monkeypatch.setattr(infd.inversion, "render_prepared", spy)
     conditions = [ImageRegion(Box(0.5, 0.5, 0.5 + 2 * 24 / 8192, 0.5 + 2 * 24 / 8192), torch.rand(3, 24, 24))]
     for solver in ("optimize", "guided"):
         invert(pipe.autoencoder, InversionSpec(conditions, (8192, 8192), SolverConfig(solver=solver, steps=2)), pipeline=pipe)

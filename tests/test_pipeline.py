@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from PIL import Image
 
 from infd import rendering, store
@@ -26,7 +26,7 @@ def test_save_and_load_round_trip_reproduces_the_output(make_tiny_pipeline, tmp_
     pipe.autoencoder.register_to_config(scaling_factor=0.7)
     before = pipe(num_images=2, height=24, width=40, num_inference_steps=3, generator=seeded(0, 1), output_type="pt").images
     pipe.save_pretrained(tmp_path / "pipe")
-    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["autoencoder", "model_index.json", "scheduler", "unet"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["autoencoder", "infd_pipeline.py", "model_index.json", "scheduler", "unet"]
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["_class_name"] == "INFDPipeline" and index["autoencoder"][1] == "NeuralFieldAutoencoder"
     again = INFDPipeline.from_pretrained(tmp_path / "pipe")
@@ -35,6 +35,11 @@ def test_save_and_load_round_trip_reproduces_the_output(make_tiny_pipeline, tmp_
     after = again(num_images=2, height=24, width=40, num_inference_steps=3, generator=seeded(0, 1), output_type="pt").images
     assert torch.equal(before, after)
     assert torch.equal(load_pipeline(tmp_path / "pipe")(num_inference_steps=3, generator=seeded(0, 1), num_images=2, height=24, width=40, output_type="pt").images, before)
+    # diffusers' own loader, through its custom-pipeline mechanism (the folder's pipeline.py).
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", custom_pipeline="infd_pipeline", trust_remote_code=True)
+    assert type(loaded) is INFDPipeline
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded(num_images=2, height=24, width=40, num_inference_steps=3, generator=seeded(0, 1), output_type="pt").images, before)
 
 
 def test_one_sample_renders_at_every_size_and_aspect(make_tiny_pipeline):

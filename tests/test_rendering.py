@@ -138,7 +138,7 @@ def test_bfloat16_render_is_close_to_float32(make_tiny_model):
 def test_render_window_is_differentiable_in_z(make_tiny_model):
     model = make_tiny_model()
     z = torch.randn(1, *model.latent_shape, requires_grad=True)
-    rgb = rendering.render_window(model, model.prepare_render(z), Box(-0.2, -0.2, 0.1, 0.3), (12, 12))
+    rgb = rendering.render_prepared(model, model.prepare_render(z), Box(-0.2, -0.2, 0.1, 0.3), (12, 12))
     rgb.mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
 

@@ -5,7 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from PIL import Image
 from test_convert import tiny_vae
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -93,12 +98,16 @@ def test_save_and_load_round_trip(tiny_sd, tmp_path, one_torch_thread):
     pipe = load_sd_pipeline(*tiny_sd).use_sampler("ddim")
     before = pipe("a cat", generator=seeded(3), num_inference_steps=2, render_size=(32, 32), output_type="pt").images
     pipe.save_pretrained(tmp_path / "pipe")
-    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["autoencoder", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"]
+    assert sorted(p.name for p in (tmp_path / "pipe").iterdir()) == ["autoencoder", "infd_stable_diffusion_pipeline.py", "model_index.json", "scheduler", "text_encoder", "tokenizer", "unet"]
     again = INFDStableDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     again.set_progress_bar_config(disable=True)
     assert type(again.scheduler).__name__ == "DDIMScheduler"
     assert torch.equal(again("a cat", generator=seeded(3), num_inference_steps=2, render_size=(32, 32), output_type="pt").images, before)
     assert torch.equal(load_sd_pipeline(tmp_path / "pipe")("a cat", generator=seeded(3), num_inference_steps=2, render_size=(32, 32), output_type="pt").images, before)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", custom_pipeline="infd_stable_diffusion_pipeline", trust_remote_code=True)
+    assert type(loaded) is INFDStableDiffusionPipeline
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(loaded("a cat", generator=seeded(3), num_inference_steps=2, render_size=(32, 32), output_type="pt").images, before)
 
 
 def test_bad_inputs_get_one_clear_sentence(tiny_sd, tmp_path):

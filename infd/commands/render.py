@@ -183,6 +183,7 @@ def render_latent(
     from infd.diffusion.pipeline import render_to_array
     from infd.files import check_output_path
     from infd.latents import load_latent_for
+    from infd.rendering import LatentField
     from infd.viewer import deepzoom
 
     kind = deepzoom.export_format(out, output_format)
@@ -206,7 +207,7 @@ def render_latent(
     dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     start = time.perf_counter()
     if streamed:
-        field = deepzoom.LatentField(model, latent, region, renderer, dtype)
+        field = LatentField(model, latent, region, renderer, dtype)
         if kind == "tif":
             deepzoom.export_tiff(field, (height, width), out, tile=tile, compression=compression, progress=progress)
         elif kind == "png":

@@ -6,8 +6,8 @@ the same scheduler config, exactly as one swaps schedulers in any diffusers pipe
 The sampler loop is a pure function of (unet, scheduler, shape, steps, generator, eta):
 it works on a fresh copy of the scheduler, so the same arguments give the same latents.
 
-The UNet denoises *scaled* latents, x = z * scaling_factor (unit variance over the data);
-the autoencoder decodes z = x / scaling_factor.
+The UNet denoises *scaled* latents, x = autoencoder.to_diffusion(z) = (z - shift_factor) *
+scaling_factor (unit variance over the data); the autoencoder decodes z = from_diffusion(x).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DModel,
 )
+from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -124,7 +125,7 @@ def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor
 
 
 def sample(
-    unet: UNet2DModel,
+    unet: UNet2DModel | ClassifierFreeGuidance,
     scheduler: SchedulerMixin,
     shape: tuple[int, ...],
     num_inference_steps: int = 50,
@@ -158,6 +159,33 @@ def sample(
             prediction = unet(scheduler.scale_model_input(x, t).to(param.dtype), t).sample
         x = scheduler.step(prediction.float(), t, x, **options).prev_sample
     return x
+
+
+class ClassifierFreeGuidance(torch.nn.Module):
+    """A text-conditional UNet as a denoiser for `sample`: eps = uncond + scale * (cond - uncond).
+
+    `text` (2B, L, D) holds the negative prompts' embeddings, then the prompts'; with
+    guidance_scale <= 1 guidance is off, `text` is the prompts' alone (B, L, D) and the
+    UNet runs once per step. Called like a UNet2DModel: (x (B, C, h, w), t) -> .sample.
+    """
+
+    def __init__(self, unet: torch.nn.Module, text: torch.Tensor, guidance_scale: float):
+        super().__init__()
+        self.unet, self.text, self.guidance_scale = unet, text, guidance_scale
+
+    @staticmethod
+    def is_guided(guidance_scale: float) -> bool:
+        return guidance_scale > 1.0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> UNet2DOutput:
+        guided = self.is_guided(self.guidance_scale)
+        dtype = next(self.unet.parameters()).dtype
+        x_in = torch.cat([x, x]) if guided else x
+        prediction = self.unet(x_in, t, encoder_hidden_states=self.text.to(dtype)).sample.float()
+        if guided:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + self.guidance_scale * (conditional - unconditional)
+        return UNet2DOutput(sample=prediction)
 
 
 def step_options(scheduler: SchedulerMixin, eta: float, generator: Generator) -> dict:

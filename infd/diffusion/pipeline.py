@@ -21,6 +21,8 @@ head and upsamples them (bicubic, or Lanczos with upsample="lanczos"): the basel
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from PIL import Image
 from infd import geometry
 from infd.diffusion import check_sampling, make_sampler, sample
 from infd.errors import InfdError, first_line
+from infd.files import atomic_path
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, render
@@ -129,7 +132,43 @@ def render_to_array(
     return canvas
 
 
-class INFDPipeline(DiffusionPipeline):
+def pipeline_module_name(cls: type) -> str:
+    """The custom-pipeline file of `cls`'s folders: INFDPipeline -> infd_pipeline (.py)."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", cls.__name__.replace("INFD", "Infd")).lower()
+
+
+def write_pipeline_module(folder: str | os.PathLike, cls: type) -> None:
+    """`folder/infd_pipeline.py` (for INFDPipeline), naming `cls`, so that diffusers' own loader opens the folder.
+
+    diffusers finds pipeline classes in its own namespace or, through its custom-pipeline
+    mechanism, in a file of the folder; this one only imports infd's class (infd must be
+    installed): `DiffusionPipeline.from_pretrained(folder, custom_pipeline="infd_pipeline",
+    trust_remote_code=True)`. Each class has its own file name, since diffusers keeps one
+    module per name: two folder kinds loaded in one process never share one.
+    """
+    name = pipeline_module_name(cls)
+    text = (
+        f'"""diffusers\' custom-pipeline entry of this folder; the pipeline class is infd\'s own (pip install infd).\n\n'
+        f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{name}", trust_remote_code=True)\n'
+        f'"""\n\nfrom {cls.__module__} import {cls.__name__}  # noqa: F401\n'
+    )
+    with atomic_path(Path(folder) / f"{name}.py") as tmp:
+        tmp.write_text(text)
+
+
+class InfdPipelineMixin:
+    """What infd's diffusers pipelines share: a progress bar over the sampler's steps, and
+    folders that diffusers' own `DiffusionPipeline.from_pretrained` loads (`write_pipeline_module`)."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_pipeline_module(save_directory, type(self))
+
+    def _steps_bar(self, timesteps):
+        return self.progress_bar(iterable=timesteps)
+
+
+class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
     """Unconditional latent diffusion on a neural-field latent (see the module docstring).
 
     Components: `autoencoder` (NeuralFieldAutoencoder; its config's scaling_factor maps
@@ -170,10 +209,7 @@ class INFDPipeline(DiffusionPipeline):
             raise InfdError(f"pass one generator per image: got {len(generator)} for {num_images} images.")
         shape = (num_images, *self.autoencoder.latent_shape)
         x = sample(self.unet, self.scheduler, shape, num_inference_steps, generator, eta, latents, dtype, progress=self._steps_bar)
-        return x / self.scaling_factor
-
-    def _steps_bar(self, timesteps):
-        return self.progress_bar(iterable=timesteps)
+        return self.autoencoder.from_diffusion(x)
 
     @torch.no_grad()
     def render(

@@ -361,10 +361,10 @@ def reconstruction(entry: EvalModel | Floor, image: torch.Tensor, tile: int | No
             return FixedResolutionRenderer.resample(thumb, ys, xs, cell)[0].clamp(0, 1).float()
 
         return render_floor
-    z = rendering.encode(entry.model, image[None])
+    field = rendering.LatentField(entry.model, rendering.encode(entry.model, image[None]), renderer=entry.renderer, dtype=dtype)
 
     def render_model(size: Size, box: Box) -> torch.Tensor:
-        return rendering.render(entry.model, z, size, box=box, tile=tile, dtype=dtype, renderer=entry.renderer)[0]
+        return field.image(size, tile, box=box)[0]  # phi is decoded once for every scale and zoom
 
     return render_model
 

@@ -50,7 +50,7 @@ from infd.inversion.conditions import (
     condition_to_dict,
 )
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import render_window
+from infd.rendering import render_prepared
 
 SOLVERS = ("optimize", "guided")
 PRIORS = ("auto", "ddim", "norm")
@@ -69,7 +69,7 @@ class SolverConfig:
     seed: int = 0
     lr: float = 0.05  # Adam's learning rate (optimize)
     prior: str = "auto"  # optimize: "ddim" (needs a pipeline), "norm", or "auto" (ddim when there is a pipeline)
-    prior_weight: float = 0.01  # the norm prior's weight on mean((z * scaling_factor)²) / 2
+    prior_weight: float = 0.01  # the norm prior's weight on mean(to_diffusion(z)²) / 2
     ddim_steps: int = 10  # denoising steps of the ddim prior
     guidance_scale: float = 1.0  # guided: gradient scale on the predicted noise
     recurrence: int = 1  # guided: repeats of each step (self-recurrence)
@@ -192,10 +192,10 @@ def render_region(model: NeuralFieldAutoencoder, state: torch.Tensor, box: Box, 
     """
     size = geometry.check_size(size, "region size")
     if tile is None or max(size) <= tile:
-        return (render_window(model, state, box, size) + 1) / 2
+        return (render_prepared(model, state, box, size) + 1) / 2
     rows: dict[int, list[torch.Tensor]] = {}
     for window in geometry.tiles(size, tile):
-        piece = torch.utils.checkpoint.checkpoint(render_window, model, state, box, size, window, use_reentrant=False)
+        piece = torch.utils.checkpoint.checkpoint(render_prepared, model, state, box, size, window, use_reentrant=False)
         rows.setdefault(window.top, []).append(piece)
     return (torch.cat([torch.cat(row, dim=-1) for row in rows.values()], dim=-2) + 1) / 2
 
@@ -364,7 +364,6 @@ def optimize_latent(
     prior = resolve_prior(config, pipeline)
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(config.seed)
-    scale = float(pipeline.scaling_factor if pipeline is not None else model.config.scaling_factor)
     shape = (1, *model.latent_shape)
     if prior == "ddim":
         schedule = ddim_schedule(pipeline.scheduler.config, config.ddim_steps)
@@ -373,9 +372,9 @@ def optimize_latent(
         radius = math.sqrt(variable.numel())
 
         def latent_of(noise):
-            return ddim_clean_latent(pipeline.unet, schedule, noise, prediction_type) / scale
+            return model.from_diffusion(ddim_clean_latent(pipeline.unet, schedule, noise, prediction_type))
     else:
-        variable = (init_z.detach().float() if init_z is not None else torch.randn(shape, generator=generator) / scale).to(param.device)
+        variable = (init_z.detach().float() if init_z is not None else model.from_diffusion(torch.randn(shape, generator=generator))).to(param.device)
 
         def latent_of(z):
             return z
@@ -386,7 +385,7 @@ def optimize_latent(
     for step in _bar(range(config.steps + 1), config.steps + 1, "invert", progress):
         z = latent_of(variable)
         losses = condition_losses(model, z, conditions, critics, canvas, config.tile)
-        prior_term = config.prior_weight * 0.5 * (z * scale).pow(2).mean() if prior == "norm" else None
+        prior_term = config.prior_weight * 0.5 * model.to_diffusion(z).pow(2).mean() if prior == "norm" else None
         total = _record(history, step, losses.detach(), conditions, None if prior_term is None else prior_term.detach())
         _check_finite(total, step)
         if step == config.steps:
@@ -403,7 +402,7 @@ def optimize_latent(
 def guided_sample(pipeline, conditions: list[Condition], critics: Critics, canvas: Size, config: SolverConfig, progress: bool = False) -> InversionResult:
     """DDIM sampling with forward universal guidance from the conditions' losses.
 
-    At each step, with g = grad_{x_t} L(x0_hat(x_t) / scaling_factor) (through the UNet):
+    At each step, with g = grad_{x_t} L(from_diffusion(x0_hat(x_t))) (through the UNet):
     eps' = eps + guidance_scale * sqrt(1 - a_t) * g / rms(g), then a DDIM update with eps'.
     Normalising g makes guidance_scale mean the same for any loss scale. The history has
     one entry per step (the losses of that step's clean estimate) and one for the final
@@ -414,14 +413,13 @@ def guided_sample(pipeline, conditions: list[Condition], critics: Critics, canva
     generator = torch.Generator().manual_seed(config.seed)
     schedule = ddim_schedule(pipeline.scheduler.config, config.steps)
     prediction_type = pipeline.scheduler.config.prediction_type
-    scale = pipeline.scaling_factor
     x = torch.randn((1, *model.latent_shape), generator=generator).to(param.device)
     history: list[dict] = []
     for i, step in enumerate(_bar(schedule, len(schedule), "guided sampling", progress)):
         for repeat in range(config.recurrence):
             x_t = x.detach().requires_grad_(True)
             eps, x0 = predict_noise_and_clean(pipeline.unet, x_t, step, prediction_type)
-            losses = condition_losses(model, x0 / scale, conditions, critics, canvas, config.tile)
+            losses = condition_losses(model, model.from_diffusion(x0), conditions, critics, canvas, config.tile)
             (grad,) = torch.autograd.grad(weighted_total(losses, conditions), [x_t])
             if repeat == 0:
                 _check_finite(_record(history, i, losses.detach(), conditions), i)
@@ -433,7 +431,7 @@ def guided_sample(pipeline, conditions: list[Condition], critics: Critics, canva
                 ratio = step.alpha / step.alpha_prev
                 fresh = torch.randn(x.shape, generator=generator).to(x.device)
                 x = math.sqrt(ratio) * x + math.sqrt(1 - ratio) * fresh
-    z = x / scale
+    z = model.from_diffusion(x)
     with torch.no_grad():
         _record(history, len(schedule), condition_losses(model, z, conditions, critics, canvas, config.tile), conditions)
     return InversionResult(z.detach(), history, conditions)

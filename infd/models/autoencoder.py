@@ -184,6 +184,14 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         z_q, loss, _ = self.quantizer(z)
         return z_q, loss
 
+    def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """z -> the latents an LDM denoises, (z - shift_factor) * scaling_factor (the one place this scale is applied)."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def from_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_diffusion`: an LDM's latents -> z, x / scaling_factor + shift_factor."""
+        return x / self.config.scaling_factor + self.config.shift_factor
+
     def decode_features(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, C, h, w) -> phi: (B, F, S, S), the feature map the renderer reads."""
         z, _ = self.quantize(z)

@@ -25,16 +25,15 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from infd import geometry
-from infd.diffusion import check_sampling, make_sampler, step_options
-from infd.diffusion.pipeline import OUTPUT_TYPES, to_output
+from infd.diffusion import ClassifierFreeGuidance, check_sampling, make_sampler, sample
+from infd.diffusion.pipeline import OUTPUT_TYPES, InfdPipelineMixin, to_output
 from infd.errors import InfdError, first_line
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import DEFAULT_TILE, autocast, pick_device, render
+from infd.rendering import DEFAULT_TILE, pick_device, render
 from infd.store import PIPELINE_INDEX, load_autoencoder
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "scheduler")
@@ -56,7 +55,7 @@ def check_sd_compatible(autoencoder: NeuralFieldAutoencoder, text_encoder: CLIPT
         )
 
 
-class INFDStableDiffusionPipeline(DiffusionPipeline):
+class INFDStableDiffusionPipeline(InfdPipelineMixin, DiffusionPipeline):
     """Text-to-image with Stable Diffusion's UNet on a converted autoencoder's latent (see the module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->unet->autoencoder"
@@ -109,29 +108,11 @@ class INFDStableDiffusionPipeline(DiffusionPipeline):
             raise InfdError(f"the guidance scale must be 0 or more, got {guidance_scale}.")
         if isinstance(generator, list) and len(generator) != len(prompts):
             raise InfdError(f"pass one generator per image: got {len(generator)} for {len(prompts)} images.")
-        guided = guidance_scale > 1.0
-        text = self.encode_prompt(negatives + prompts if guided else prompts)
-        param = next(self.unet.parameters())
+        text = self.encode_prompt(negatives + prompts if ClassifierFreeGuidance.is_guided(guidance_scale) else prompts)
+        denoiser = ClassifierFreeGuidance(self.unet, text, guidance_scale)
         shape = (len(prompts), *self.autoencoder.latent_shape)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=param.device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise InfdError(f"the starting latents have shape {tuple(latents.shape)}, expected {shape}.")
-        scheduler = type(self.scheduler).from_config(self.scheduler.config)  # fresh state: calls never interfere
-        scheduler.set_timesteps(num_inference_steps, device=param.device)
-        x = latents.to(param.device, torch.float32) * scheduler.init_noise_sigma
-        options = step_options(scheduler, eta, generator)
-        precision = autocast(param.device, dtype)
-        for t in self.progress_bar(iterable=scheduler.timesteps):
-            x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            with precision:
-                prediction = self.unet(x_in.to(param.dtype), t, encoder_hidden_states=text.to(param.dtype)).sample.float()
-            if guided:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            x = scheduler.step(prediction, t, x, **options).prev_sample
-        config = self.autoencoder.config
-        return x / config.scaling_factor + config.shift_factor
+        x = sample(denoiser, self.scheduler, shape, num_inference_steps, generator, eta, latents, dtype, progress=self._steps_bar)
+        return self.autoencoder.from_diffusion(x)
 
     @staticmethod
     def _prompts(prompt, negative_prompt, per_prompt: int) -> tuple[list[str], list[str]]:

@@ -34,7 +34,7 @@ from infd.geometry import Box
 from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
-from infd.rendering import encode, render_window, to_unit_rgb
+from infd.rendering import encode, render_prepared, to_unit_rgb
 from infd.store import (
     MODEL_WEIGHTS,
     checkpoint_dirs,
@@ -190,7 +190,7 @@ def reconstruction_grid(model: NeuralFieldAutoencoder, images: list[torch.Tensor
             box = Box(-1 / zoom, -1 / zoom, 1 / zoom, 1 / zoom)
             top, left, bottom, right = (round(v) for v in box.to_pixels(image.shape[-2:]))
             truth = resize(image[None, :, top:bottom, left:right], (s, s))[0]
-            rec = to_unit_rgb(render_window(model, state, box, (s, s)))[0]
+            rec = to_unit_rgb(render_prepared(model, state, box, (s, s)))[0]
             cells += [truth, rec]
         rows.append(torch.cat(cells, dim=-1))
     return torch.cat(rows, dim=-2)

@@ -329,7 +329,7 @@ class LDMTrainer(StepTrainer):
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """x0 = z * scaling_factor (B, C, h, w): z is the posterior mean, or a draw from the posterior."""
+        """x0 = autoencoder.to_diffusion(z) (B, C, h, w): z is the posterior mean, or a draw from the posterior."""
         if "image" in batch:
             mean, logvar = self.autoencoder.encode_moments(batch["image"])
         else:
@@ -337,7 +337,7 @@ class LDMTrainer(StepTrainer):
         z = mean
         if self.config.sample_posterior and logvar is not None:
             z = mean + torch.exp(0.5 * logvar) * batch["posterior_noise"]
-        return z.float() * self.scaling_factor
+        return self.autoencoder.to_diffusion(z.float())
 
     def learning_rate(self, step: int) -> float:
         warmup = self.config.lr_warmup_steps

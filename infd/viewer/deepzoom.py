@@ -38,69 +38,13 @@ from tqdm.auto import tqdm
 from infd import geometry
 from infd.errors import InfdError
 from infd.files import atomic_directory, atomic_path, check_replaceable
-from infd.geometry import Box, Size, Window
+from infd.geometry import Size, Window
 from infd.images import to_uint8_hwc
-from infd.models import NeuralFieldAutoencoder
-from infd.rendering import autocast, check_latent, finished_tile
+from infd.rendering import LatentField
 
 TILE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 TIFF_COMPRESSIONS = ("deflate", "none")
 MAX_EXPORT_SIDE = 2**20  # a million pixels a side; far beyond any use, short of nonsense
-
-
-# ---------------------------------------------------------------- the field, decoded once
-
-
-class LatentField:
-    """One latent's neural field: phi decoded once, then any windows of any grids rendered.
-
-    z: (1, C, h, w). `box` is the region every grid spans (default: the whole image);
-    `dtype` (bfloat16/float16) renders under autocast. Windows of one `render` call may
-    belong to grids of different sizes (Deep Zoom levels); they are batched into one
-    renderer call, which is what makes serving tiles to many clients cheap on a GPU.
-    """
-
-    def __init__(
-        self,
-        model: NeuralFieldAutoencoder,
-        z: torch.Tensor,
-        box: Box | None = None,
-        renderer: str | None = None,
-        dtype: torch.dtype | None = None,
-    ):
-        param = next(model.parameters())
-        z = check_latent(model, z)
-        if z.shape[0] != 1:
-            raise InfdError(f"a LatentField holds one latent, got a batch of {z.shape[0]}.")
-        self.model, self.box, self.renderer, self.dtype = model, box or Box.full(), renderer, dtype
-        self.device = param.device
-        self.halo = model.get_renderer(renderer).halo
-        with torch.no_grad(), autocast(self.device, dtype):
-            self.state = model.prepare_render(z.to(param.device, param.dtype), renderer)
-
-    @torch.no_grad()
-    def render(self, requests: Sequence[tuple[Size, Window]], box: Box | None = None) -> torch.Tensor:
-        """Windows of equal size, each of its own grid (size, window) over `box` (default: the field's).
-
-        Returns (n, 3, h, w) float in [0, 1] on the CPU.
-        """
-        box = box or self.box
-        shapes = {(window.height, window.width) for _, window in requests}
-        if len(shapes) != 1:
-            raise InfdError(f"windows rendered together must all have one size, got {sorted(shapes)}.")
-        centers = [geometry.window_centers(box, size, window, self.halo) for size, window in requests]
-        ys = torch.stack([y for y, _ in centers])
-        xs = torch.stack([x for _, x in centers])
-        cell = torch.tensor([geometry.cell_size(box, size) for size, _ in requests], dtype=torch.float64)
-        state = self.state.expand(len(requests), *self.state.shape[1:])  # a view: phi is not copied
-        with autocast(self.device, self.dtype):
-            rgb = self.model.render_window(state, ys, xs, cell, self.renderer)
-        return finished_tile(rgb)
-
-    def tiles(self, size: Size, tile: int | Size, box: Box | None = None) -> Iterator[tuple[Window, np.ndarray]]:
-        """The H x W grid over `box` tile by tile, row-major: (window, (h, w, 3) uint8)."""
-        for window in geometry.tiles(size, tile):
-            yield window, to_uint8_hwc(self.render([(size, window)], box))
 
 
 # ---------------------------------------------------------------- Deep Zoom

@@ -37,10 +37,10 @@ from infd import geometry
 from infd.errors import InfdError
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
+from infd.rendering import LatentField
 from infd.viewer.deepzoom import (
     TILE_FORMATS,
     DeepZoom,
-    LatentField,
     encode_tile,
     render_tiles,
 )

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from infd.errors import InfdError
+from infd.errors import InfdError, quote_error
 
 # What a command writes in a folder output: entry-name regex -> None for a file, or the
 # Layout of a sub-folder. Anything else found there is the user's, not the command's.
@@ -88,7 +88,7 @@ def _reserve_temporary(path: Path, prefix: str, suffix: str, create: Callable[[P
         _prepare_folder(path.parent)
         return _unique_sibling(path, prefix, suffix, create)
     except OSError as error:
-        raise InfdError(f"cannot write '{path}': {error.strerror or error}; choose another --out.") from None
+        raise InfdError(f"cannot write '{path}': {quote_error(error)}; choose another --out.") from None
 
 
 @contextmanager
@@ -100,7 +100,7 @@ def disk_errors(path: Path) -> Iterator[None]:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise InfdError(f"the disk filled up while writing '{path}'; nothing was left behind: free some space or write a smaller output.") from None
         if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise InfdError(f"cannot write '{path}': {error.strerror}; choose another --out.") from None
+            raise InfdError(f"cannot write '{path}': {quote_error(error)}; choose another --out.") from None
         raise
 
 

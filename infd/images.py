@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from infd.errors import InfdError
+from infd.errors import InfdError, quote_error
 from infd.files import atomic_path
 from infd.geometry import Size, Window, check_size
 
@@ -54,7 +54,7 @@ def image_size(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> S
     try:
         (height, width), orientation = _read_header(path)
     except Exception as error:  # decoders raise many types for garbage; all mean the same here
-        raise ImageError(f"{path} is not a readable image ({_describe(error)}).", "unreadable") from error
+        raise ImageError(f"{path} is not a readable image ({quote_error(error)}).", "unreadable") from error
     if orientation in (5, 6, 7, 8):  # these orientations rotate by 90 degrees
         height, width = width, height
     _check_dimensions(path, (height, width), max_pixels)
@@ -71,7 +71,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> t
         raise
     except Exception as error:  # truncation and corruption surface as many exception types
         raise ImageError(
-            f"{path} is truncated or corrupt ({_describe(error)}); re-download or re-export it.", "corrupt"
+            f"{path} is truncated or corrupt ({quote_error(error)}); re-download or re-export it.", "corrupt"
         ) from error
     return _to_rgb_tensor(array, path)
 
@@ -115,10 +115,6 @@ def _check_dimensions(path: Path, size: Size, max_pixels: int) -> None:
             f"that guards against decompression bombs; downscale the file first if you trust it.",
             "too many pixels",
         )
-
-
-def _describe(error: Exception) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 def _magic(path: Path) -> bytes:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from infd.data import list_images
-from infd.errors import InfdError
+from infd.errors import InfdError, quote_error
 from infd.files import atomic_path
 from infd.images import MAX_IMAGE_PIXELS, ImageError, load_image, resize
 from infd.models import NeuralFieldAutoencoder
@@ -144,7 +144,7 @@ class LatentCache:
         except FileNotFoundError:
             raise InfdError(f"'{folder}' is not a finished latent cache (no {INDEX}); run `infd encode-latents` with --out {folder} to finish it.") from None
         except json.JSONDecodeError as error:
-            raise InfdError(f"'{folder / INDEX}' is damaged ({error.msg}); run `infd encode-latents` again.") from None
+            raise InfdError(f"'{folder / INDEX}' is damaged ({quote_error(error)}); run `infd encode-latents` again.") from None
         if index.get("format") != CACHE_FORMAT:
             raise InfdError(f"'{folder}' is not a latent cache written by `infd encode-latents`.")
         means, logvars, files = [], [], []
@@ -167,7 +167,7 @@ def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = file.metadata() or {}
         return load_file(str(path)), metadata
     except (OSError, ValueError, RuntimeError) as error:
-        raise InfdError(f"latent shard '{path}' is missing or damaged ({error}); run `infd encode-latents` again to rewrite it.") from None
+        raise InfdError(f"latent shard '{path}' is missing or damaged ({quote_error(error)}); run `infd encode-latents` again to rewrite it.") from None
 
 
 def _shard_metadata(path: Path) -> dict[str, str] | None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError, quote_error
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import pick_device
 
@@ -87,7 +87,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Ne
     try:
         model = NeuralFieldAutoencoder.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise InfdError(f"could not load the autoencoder from '{folder}': {first_line(error)}") from None
+        raise InfdError(f"could not load the autoencoder from '{folder}': {quote_error(error)}") from None
     device = pick_device(device) if isinstance(device, str) else device
     return model.to(device).eval()
 
@@ -118,9 +118,9 @@ def read_config_file(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     except FileNotFoundError:
         raise InfdError(f"config file '{path}' does not exist.") from None
     except json.JSONDecodeError as error:
-        raise InfdError(f"config file '{path}' is not valid JSON ({error.msg} at line {error.lineno}).") from None
+        raise InfdError(f"config file '{path}' is not valid JSON ({quote_error(error)}).") from None
     except OSError as error:
-        raise InfdError(f"config file '{path}' could not be read: {first_line(error)}") from None
+        raise InfdError(f"config file '{path}' could not be read: {quote_error(error)}") from None
     if not isinstance(values, dict):
         raise InfdError(f"config file '{path}' must hold a JSON object of training options, like the files in configs/.")
     base = values.pop(CONFIG_BASE_KEY, None)
@@ -194,7 +194,7 @@ def load_training_state(folder: Path) -> dict[str, Any]:
         skeleton = json.loads((folder / STATE_JSON).read_text())
         tensors = load_file(str(folder / STATE_TENSORS))
     except (OSError, ValueError) as error:
-        raise InfdError(f"the training state in '{folder}' is missing or damaged ({error}); resume from an earlier checkpoint.") from None
+        raise InfdError(f"the training state in '{folder}' is missing or damaged ({quote_error(error)}); resume from an earlier checkpoint.") from None
     return unflatten_state(skeleton, tensors)
 
 

@@ -57,7 +57,7 @@ def test_training_lowers_the_loss_and_checkpoints_are_pipelines(ae_and_latents, 
     losses = [row["loss"] for row in read_log(run)]
     first, final = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert final < 0.75 * first, f"loss went from {first:.3f} to {final:.3f}"
-    assert sorted(p.name for p in last.iterdir()) == ["autoencoder", "model_index.json", "scheduler", "training_state.json", "training_state.safetensors", "unet"]
+    assert sorted(p.name for p in last.iterdir()) == ["autoencoder", "infd_pipeline.py", "model_index.json", "scheduler", "training_state.json", "training_state.safetensors", "unet"]
     assert [p.name for p in checkpoint_dirs(run, "model_index.json")] == ["step_0000020", "step_0000040"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000040_16.png", "step_0000040_40.png"]
     assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))

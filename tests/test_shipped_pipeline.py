@@ -15,8 +15,11 @@ PIPELINE = ROOT / "weights" / "wallpapers"
 
 
 def test_shipped_pipeline_is_safetensors_and_json_only_in_fp16():
-    files = [p for p in PIPELINE.rglob("*") if p.is_file()]
+    files = [p for p in PIPELINE.rglob("*") if p.is_file() and p.name != "infd_pipeline.py"]
     assert {p.suffix for p in files} == {".json", ".safetensors"}
+    # The one other file is diffusers' custom-pipeline entry: nothing but an import of infd's class.
+    code = [line for line in (PIPELINE / "infd_pipeline.py").read_text().splitlines() if line and not line.startswith((" ", '"""', "diffusers'"))]
+    assert code == ["from infd.diffusion.pipeline import INFDPipeline  # noqa: F401"]
     assert sum(p.stat().st_size for p in ROOT.joinpath("weights").rglob("*") if p.is_file()) <= 40 * 2**20
     for path in (p for p in files if p.suffix == ".safetensors"):
         with safe_open(str(path), "pt") as weights:

@@ -23,7 +23,7 @@ from infd.commands.common import (
     report,
     reports_errors,
 )
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 
 
 @reports_errors
@@ -73,8 +73,8 @@ def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str
     for height, width in parsed:
         if height * width > rendering.MAX_RENDER_PIXELS:
             raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
-    if renderer is not None and renderer not in RENDERERS:
-        raise InfdError(f"unknown renderer '{renderer}'; choose one of {', '.join(RENDERERS)}.")
+    if renderer is not None:
+        check_choice(renderer, RENDERERS, "renderer")
     check_upsample(renderer, upsample)
     return parsed, geometry.Box.parse(box) if box else None
 
@@ -118,8 +118,7 @@ def sample(
     if n <= 0 or batch_size <= 0:
         raise InfdError(f"--n and --batch-size must be positive, got {n} and {batch_size}.")
     check_seed(seed, n)
-    if sampler not in SAMPLERS:
-        raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    check_choice(sampler, SAMPLERS, "sampler")
     sizes, region = _render_options(size or [], box, renderer, upsample)
     if steps <= 0:
         raise InfdError(f"--steps must be at least 1, got {steps}.")

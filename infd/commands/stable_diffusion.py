@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from infd.commands.common import BOX_HELP, SIZE_HELP, report, reports_errors
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 
 
 @reports_errors
@@ -77,8 +77,8 @@ def txt2img(
     if height * width > rendering.MAX_RENDER_PIXELS:
         raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
     region = geometry.Box.parse(box) if box else None
-    if sampler is not None and sampler not in SAMPLERS:
-        raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    if sampler is not None:
+        check_choice(sampler, SAMPLERS, "sampler")
     pipe = load_sd_pipeline(sd, ae, device)
     if sampler is not None:
         pipe.use_sampler(sampler)

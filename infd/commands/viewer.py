@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from infd.commands.common import report, reports_errors
-from infd.errors import InfdError
+from infd.errors import InfdError, quote_error
 
 
 @reports_errors
@@ -86,4 +86,4 @@ def _check_free(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            raise InfdError(f"cannot listen on {host}:{port} ({error.strerror}); pick another --port or --host.") from None
+            raise InfdError(f"cannot listen on {host}:{port} ({quote_error(error)}); pick another --port or --host.") from None

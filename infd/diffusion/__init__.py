@@ -27,7 +27,7 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.rendering import autocast
 
 SAMPLERS: dict[str, type[SchedulerMixin]] = {
@@ -51,8 +51,7 @@ def make_training_scheduler(
     "trailing" spacing makes every sampler built from this config start at the last,
     pure-noise timestep.
     """
-    if prediction_type not in PREDICTION_TYPES:
-        raise InfdError(f"unknown prediction type '{prediction_type}'; choose one of {', '.join(PREDICTION_TYPES)}.")
+    check_choice(prediction_type, PREDICTION_TYPES, "prediction type")
     if not 0 < beta_start < beta_end < 1:
         raise InfdError(f"betas must satisfy 0 < beta_start < beta_end < 1, got {beta_start} and {beta_end}.")
     return DDPMScheduler(
@@ -68,8 +67,7 @@ def make_training_scheduler(
 
 def make_sampler(name: str, config) -> SchedulerMixin:
     """A fresh sampler `name` (ddim, dpm++, ddpm) for the noise schedule in `config`."""
-    if name not in SAMPLERS:
-        raise InfdError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}.")
+    check_choice(name, SAMPLERS, "sampler")
     return SAMPLERS[name].from_config(config)
 
 
@@ -104,11 +102,8 @@ def check_seed(seed: int, count: int = 1, what: str = "--seed") -> None:
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to predict from x_t: the noise (epsilon) or v = a_t noise - s_t x0."""
     kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, timesteps)
-    raise InfdError(f"unknown prediction type '{kind}'; choose one of {', '.join(PREDICTION_TYPES)}.")
+    check_choice(kind, PREDICTION_TYPES, "prediction type")
+    return noise if kind == "epsilon" else scheduler.get_velocity(x0, noise, timesteps)
 
 
 def diffusion_loss(unet: UNet2DModel, scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from PIL import Image
 
 from infd import geometry
 from infd.diffusion import check_sampling, make_sampler, sample
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError, check_choice, quote_error
 from infd.files import atomic_path
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
@@ -41,6 +41,7 @@ from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, r
 from infd.store import find_pipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+IMAGE_OUTPUT_TYPES = OUTPUT_TYPES[:3]  # what `render` returns
 UPSAMPLERS = ("bicubic", "lanczos")
 
 
@@ -57,8 +58,7 @@ def check_compatible(autoencoder: NeuralFieldAutoencoder, unet: UNet2DModel) -> 
 
 
 def check_upsample(renderer: str | None, upsample: str) -> None:
-    if upsample not in UPSAMPLERS:
-        raise InfdError(f"unknown upsampling '{upsample}'; choose one of {', '.join(UPSAMPLERS)}.")
+    check_choice(upsample, UPSAMPLERS, "upsampling")
     if upsample == "lanczos" and renderer != "fixed":
         raise InfdError("Lanczos upsampling applies to the fixed-resolution renderer only; add --renderer fixed.")
 
@@ -225,8 +225,7 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
     ):
         """Render latents z (B, C, h, w) at height x width (default: the encoder's input size)."""
-        if output_type not in OUTPUT_TYPES or output_type == "latent":
-            raise InfdError(f"unknown output type '{output_type}'; choose one of pil, np, pt.")
+        check_choice(output_type, IMAGE_OUTPUT_TYPES, "output type")
         size = self._size(height, width)
         images = render_latents(self.autoencoder, z, size, box, renderer, upsample, tile, dtype)
         return to_output(images, output_type)
@@ -261,8 +260,7 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
         noise (B, C, h, w) instead of drawing it from `generator`. Everything is checked
         before sampling starts.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise InfdError(f"unknown output type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}.")
+        check_choice(output_type, OUTPUT_TYPES, "output type")
         size = self._size(height, width)
         check_sampling(self.scheduler, num_inference_steps, eta)
         if output_type != "latent":
@@ -297,7 +295,7 @@ def load_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu") -
     except InfdError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-        reason = first_line(error)
+        reason = quote_error(error)
         raise InfdError(f"could not load the pipeline from '{folder}': {reason}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(pick_device(device) if isinstance(device, str) else device)

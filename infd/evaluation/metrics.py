@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from infd import geometry
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError, quote_error
 from infd.geometry import Size
 
 SSIM_WINDOW = 11
@@ -378,7 +378,7 @@ class InceptionFeatures:
         try:
             self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=buffer)
         except RuntimeError as error:  # missing or mis-shaped keys
-            raise InfdError(f"{path} does not hold torch-fidelity's InceptionV3 weights ({first_line(error)}).") from None
+            raise InfdError(f"{path} does not hold torch-fidelity's InceptionV3 weights ({quote_error(error)}).") from None
         self.device = torch.device(device)
         self.net.to(self.device)
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from infd import geometry
 from infd.diffusion import check_seed
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice, quote_error
 from infd.geometry import Box, Size
 from infd.inversion.conditions import (
     Condition,
@@ -76,10 +76,8 @@ class SolverConfig:
     tile: int = 512  # region renders above this side are tiled under gradient checkpointing
 
     def check(self) -> SolverConfig:
-        if self.solver not in SOLVERS:
-            raise InfdError(f"unknown solver '{self.solver}'; choose one of {', '.join(SOLVERS)}.")
-        if self.prior not in PRIORS:
-            raise InfdError(f"unknown prior '{self.prior}'; choose one of {', '.join(PRIORS)}.")
+        check_choice(self.solver, SOLVERS, "solver")
+        check_choice(self.prior, PRIORS, "prior")
         for name in ("steps", "ddim_steps", "recurrence", "tile"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -167,7 +165,7 @@ def load_spec(path: str | Path) -> InversionSpec:
     try:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InfdError(f"spec file '{path}' is not valid JSON ({error}).") from None
+        raise InfdError(f"spec file '{path}' is not valid JSON ({quote_error(error)}).") from None
     except RecursionError:
         raise InfdError(f"spec file '{path}' nests lists or objects too deeply to be a spec (see examples/).") from None
     return spec_from_dict(data, path.parent)

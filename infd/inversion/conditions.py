@@ -33,7 +33,7 @@ from typing import Union
 
 import torch
 
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.geometry import Box, Size, check_inside_image
 from infd.images import load_image
 from infd.training.losses import l1_loss
@@ -158,8 +158,7 @@ class ImageRegion:
         self.box = check_box(self.box, "image condition")
         self.image = _check_observation(self.image, "image condition")
         self.weight = _check_weight(self.weight, "image condition")
-        if self.loss_type not in IMAGE_LOSSES:
-            raise InfdError(f"unknown image loss '{self.loss_type}'; choose one of {', '.join(IMAGE_LOSSES)}.")
+        check_choice(self.loss_type, IMAGE_LOSSES, "image loss")
 
     def render_size(self, canvas: Size, critics: Critics) -> Size:
         return tuple(self.image.shape[-2:])

@@ -15,7 +15,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.models.renderers import (
     LOOKUPS,
     RENDERERS,
@@ -84,12 +84,9 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         trunk_type: str = "vae",
     ):
         super().__init__()
-        if trunk_type not in TRUNKS:
-            raise InfdError(f"unknown trunk_type '{trunk_type}'; choose one of {', '.join(TRUNKS)}.")
-        if latent_type not in LATENT_TYPES:
-            raise InfdError(f"unknown latent type '{latent_type}'; choose one of {', '.join(LATENT_TYPES)}.")
-        if renderer_type not in RENDERERS:
-            raise InfdError(f"unknown renderer '{renderer_type}'; choose one of {', '.join(RENDERERS)}.")
+        check_choice(trunk_type, TRUNKS, "trunk_type")
+        check_choice(latent_type, LATENT_TYPES, "latent type")
+        check_choice(renderer_type, RENDERERS, "renderer")
         depth = len(block_out_channels)
         if input_size % 2 ** (depth - 1):
             raise InfdError(f"input size {input_size} must be divisible by {2 ** (depth - 1)} for {depth} encoder blocks.")
@@ -119,8 +116,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             raise InfdError("residual_renderer needs renderer_type 'clif' and no fixed_head (its RGB head already is the fixed renderer).")
         if latent_anchor and not (residual_renderer and latent_channels >= in_channels):
             raise InfdError(f"latent_anchor needs residual_renderer: true and latent_channels >= {in_channels} (the thumbnail's channels).")
-        if renderer_lookup not in LOOKUPS:
-            raise InfdError(f"unknown renderer_lookup '{renderer_lookup}'; choose one of {', '.join(LOOKUPS)}.")
+        check_choice(renderer_lookup, LOOKUPS, "renderer_lookup")
         if not detail_fade_cell >= 0:
             raise InfdError(f"detail_fade_cell {detail_fade_cell} must be >= 0 (0: no fade).")
         features = block_out_channels[0] + (in_channels if latent_anchor else 0)  # anchored: + the upsampled thumbnail
@@ -211,8 +207,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             return self.fixed_renderer
         if name == "fixed" and isinstance(self.renderer, ResidualCLIFRenderer):
             return self.renderer.base
-        if name not in RENDERERS:
-            raise InfdError(f"unknown renderer '{name}'; choose one of {', '.join(RENDERERS)}.")
+        check_choice(name, RENDERERS, "renderer")
         hint = " (train it with the model option fixed_head: true)" if name == "fixed" else ""
         raise InfdError(f"this autoencoder has no '{name}' renderer{hint}; it renders with '{self.config.renderer_type}'.")
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import check_choice
 
 RENDERERS = ("clif", "liif", "fixed")
 
@@ -74,8 +74,7 @@ def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: to
     The grid is separable, so the lookup is 1-D index_selects per image instead of a 2-D
     grid_sample, written straight into the channels_last buffer the convs want.
     """
-    if lookup not in LOOKUPS:
-        raise InfdError(f"unknown feature lookup '{lookup}'; choose one of {', '.join(LOOKUPS)}.")
+    check_choice(lookup, LOOKUPS, "feature lookup")
     b, c, h, w = phi.shape
     iy, oy = (t.to(phi.device) for t in geometry.feature_lookup(ys, h))
     ix, ox = (t.to(phi.device) for t in geometry.feature_lookup(xs, w))
@@ -320,10 +319,9 @@ class ResidualCLIFRenderer(CLIFRenderer):
 
 
 def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2, lookup: str = "nearest") -> Renderer:
+    check_choice(kind, RENDERERS, "renderer")
     if kind == "clif":
         return CLIFRenderer(feature_channels, hidden_channels, num_blocks, lookup)
     if kind == "liif":
         return LIIFRenderer(feature_channels, hidden_channels, num_layers=2 * num_blocks)
-    if kind == "fixed":
-        return FixedResolutionRenderer(feature_channels)
-    raise InfdError(f"unknown renderer '{kind}'; choose one of {', '.join(RENDERERS)}.")
+    return FixedResolutionRenderer(feature_channels)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, VQModel
 
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError, quote_error
 from infd.files import atomic_directory, check_output_path, check_replaceable
 from infd.models import NeuralFieldAutoencoder
 from infd.training.autoencoder import AETrainConfig
@@ -67,7 +67,7 @@ def load_ldm_autoencoder(path: str | Path, scaling_factor: float | None = None) 
         try:
             vae = cls.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-            raise InfdError(f"could not load the {cls.__name__} in '{path}': {first_line(error)}") from None
+            raise InfdError(f"could not load the {cls.__name__} in '{path}': {quote_error(error)}") from None
         if scaling_factor is not None:
             vae.register_to_config(scaling_factor=scaling_factor)
     return vae.eval()
@@ -100,7 +100,7 @@ def load_single_file_vae(path: Path, scaling_factor: float) -> AutoencoderKL:
     try:
         return AutoencoderKL.from_single_file(checkpoint, original_config=original_config, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise InfdError(f"could not convert '{path}' with diffusers' single-file loader: {first_line(error)}") from None
+        raise InfdError(f"could not convert '{path}' with diffusers' single-file loader: {quote_error(error)}") from None
 
 
 def ldm_vae_config(checkpoint: dict[str, torch.Tensor], scaling_factor: float) -> dict:

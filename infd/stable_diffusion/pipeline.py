@@ -29,8 +29,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from infd import geometry
 from infd.diffusion import ClassifierFreeGuidance, check_sampling, make_sampler, sample
-from infd.diffusion.pipeline import OUTPUT_TYPES, InfdPipelineMixin, to_output
-from infd.errors import InfdError, first_line
+from infd.diffusion.pipeline import (
+    IMAGE_OUTPUT_TYPES,
+    OUTPUT_TYPES,
+    InfdPipelineMixin,
+    to_output,
+)
+from infd.errors import InfdError, check_choice, quote_error
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import DEFAULT_TILE, pick_device, render
@@ -146,8 +151,7 @@ class INFDStableDiffusionPipeline(InfdPipelineMixin, DiffusionPipeline):
         output_type: str = "pil",
     ):
         """Render latents z (B, C, h, w) at render_size (H, W) over `box`, tile by tile."""
-        if output_type not in OUTPUT_TYPES or output_type == "latent":
-            raise InfdError(f"unknown output type '{output_type}'; choose one of pil, np, pt.")
+        check_choice(output_type, IMAGE_OUTPUT_TYPES, "output type")
         size = geometry.check_size(render_size, "render size")
         return to_output(render(self.autoencoder, z, size, box=box, tile=tile, dtype=dtype, renderer=renderer), output_type)
 
@@ -181,8 +185,7 @@ class INFDStableDiffusionPipeline(InfdPipelineMixin, DiffusionPipeline):
         original decoder's last conv, bicubic-upsampled: the baseline. Everything is
         checked before denoising starts.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise InfdError(f"unknown output type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}.")
+        check_choice(output_type, OUTPUT_TYPES, "output type")
         self._check_generation_size(height, width)
         size = geometry.check_size(render_size, "render size")
         self.autoencoder.get_renderer(renderer)
@@ -229,7 +232,7 @@ def _load_part(folder: Path, cls: type):
     try:
         part = cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-        raise InfdError(f"could not load the {folder.name} ({cls.__name__}) from '{folder}': {first_line(error)}") from None
+        raise InfdError(f"could not load the {folder.name} ({cls.__name__}) from '{folder}': {quote_error(error)}") from None
     return part.eval() if isinstance(part, torch.nn.Module) else part
 
 
@@ -255,6 +258,6 @@ def _load_saved_pipeline(folder: Path) -> INFDStableDiffusionPipeline:
     except InfdError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
-        raise InfdError(f"could not load the pipeline from '{folder}': {first_line(error)}") from None
+        raise InfdError(f"could not load the pipeline from '{folder}': {quote_error(error)}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe

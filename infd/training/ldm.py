@@ -42,7 +42,7 @@ from infd.diffusion import (
     make_training_scheduler,
 )
 from infd.diffusion.pipeline import INFDPipeline
-from infd.errors import InfdError, first_line
+from infd.errors import InfdError, check_choice, quote_error
 from infd.files import atomic_directory
 from infd.images import save_image
 from infd.latents import (
@@ -132,12 +132,10 @@ class LDMTrainConfig:
 
     def validate(self) -> None:
         check_common_options(self)
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise InfdError(f"unknown prediction type '{self.prediction_type}'; choose one of {', '.join(PREDICTION_TYPES)}.")
+        check_choice(self.prediction_type, PREDICTION_TYPES, "prediction type")
         if self.scaling_factor is not None and not (self.scaling_factor > 0 and math.isfinite(self.scaling_factor)):
             raise InfdError(f"scaling_factor {self.scaling_factor} must be a positive number (or null to compute it).")
-        if self.sample_sampler not in SAMPLERS:
-            raise InfdError(f"unknown sampler '{self.sample_sampler}'; choose one of {', '.join(SAMPLERS)}.")
+        check_choice(self.sample_sampler, SAMPLERS, "sampler")
         if not self.sample_sizes or min(self.sample_sizes) <= 0 or not 1 <= self.sample_steps <= self.num_train_timesteps:
             raise InfdError("sample_sizes must be positive sizes and sample_steps between 1 and num_train_timesteps.")
         make_training_scheduler(self.prediction_type, self.beta_start, self.beta_end, self.num_train_timesteps)  # checks the betas
@@ -154,7 +152,7 @@ def build_unet(options: dict, latent_shape: tuple[int, int, int]) -> UNet2DModel
     try:
         return UNet2DModel(**{**options, **shape_options})
     except (TypeError, ValueError, AttributeError) as error:
-        raise InfdError(f"invalid UNet options ({first_line(error)}); see diffusers' UNet2DModel.") from None
+        raise InfdError(f"invalid UNet options ({quote_error(error)}); see diffusers' UNet2DModel.") from None
 
 
 # ------------------------------------------------------------------ training items

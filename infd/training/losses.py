@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 
 PERCEPTUAL_KINDS = ("auto", "lpips", "ffl", "none")
 
@@ -145,8 +145,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def make_perceptual_loss(kind: str = "auto", vgg_path: str | Path | None = None) -> nn.Module | None:
     """The perceptual term: "auto" (LPIPS if vgg_path else FFL), "lpips", "ffl" or "none" (None)."""
-    if kind not in PERCEPTUAL_KINDS:
-        raise InfdError(f"unknown perceptual loss '{kind}': choose one of {', '.join(PERCEPTUAL_KINDS)}.")
+    check_choice(kind, PERCEPTUAL_KINDS, "perceptual loss")
     if kind == "none":
         return None
     if kind == "lpips" or (kind == "auto" and vgg_path is not None):

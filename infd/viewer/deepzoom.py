@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.files import atomic_directory, atomic_path, check_replaceable
 from infd.geometry import Size, Window
 from infd.images import to_uint8_hwc
@@ -186,8 +186,7 @@ def export_tiff(
     size = check_export_size(size)
     if geometry.check_tile(tile) < 16 or tile % 16:
         raise InfdError(f"TIFF tiles must be a multiple of 16 pixels, got {tile}.")
-    if compression not in TIFF_COMPRESSIONS:
-        raise InfdError(f"unknown TIFF compression '{compression}'; choose one of {', '.join(TIFF_COMPRESSIONS)}.")
+    check_choice(compression, TIFF_COMPRESSIONS, "TIFF compression")
     path = Path(path)
     levels = pyramid_sizes(size, tile) if pyramid else [size]
     tile_bytes = tile * tile * 3
@@ -245,8 +244,7 @@ def export_dzi(
     export there is replaced only with `overwrite`, and anything else never (`check_dzi_output`).
     """
     size = check_export_size(size)
-    if tile_format not in TILE_FORMATS:
-        raise InfdError(f"unknown tile format '{tile_format}'; choose one of {', '.join(TILE_FORMATS)}.")
+    check_choice(tile_format, TILE_FORMATS, "tile format")
     path = Path(path)
     if path.suffix.lower() != ".dzi":
         raise InfdError(f"a Deep Zoom output must end in .dzi (its tiles go to <name>_files beside it), got '{path}'.")
@@ -323,8 +321,7 @@ def export_format(path: Path, requested: str | None) -> str | None:
         return by_suffix
     requested = requested.lower().lstrip(".")
     requested = {"tiff": "tif"}.get(requested, requested)
-    if requested not in EXPORT_FORMATS:
-        raise InfdError(f"unknown export format '{requested}'; choose one of {', '.join(EXPORT_FORMATS)} (or leave it to the --out suffix).")
+    check_choice(requested, EXPORT_FORMATS, "export format", " (or leave it to the --out suffix)")
     if path.suffix and by_suffix != requested:
         raise InfdError(f"--format {requested} does not match the output '{path.name}'; give it the .{requested} suffix.")
     return requested

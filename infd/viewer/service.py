@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import LatentField
@@ -247,8 +247,7 @@ class TileService:
         renderer: str | None = None,
         view_tile: int = 512,
     ):
-        if tile_format not in TILE_FORMATS:
-            raise InfdError(f"unknown tile format '{tile_format}'; choose one of {', '.join(TILE_FORMATS)}.")
+        check_choice(tile_format, TILE_FORMATS, "tile format")
         encoders = encoders or max(2, min(8, (os.cpu_count() or 2) // 2))
         if max_batch < 1 or max_queue < 1 or fields < 1 or encoders < 1:
             raise InfdError("the batch, queue, field-cache and encoder counts must all be at least 1.")
@@ -464,8 +463,7 @@ def open_latents(
         raise InfdError("pass at most one of --z, --image and --seed.")
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise InfdError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {seed}.")
-    if sampler not in SAMPLERS:
-        raise InfdError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    check_choice(sampler, SAMPLERS, "sampler")
     device = pick_device(device) if isinstance(device, str) else device
     try:
         folder = find_pipeline(ckpt)

@@ -9,6 +9,7 @@ provides `batches()`, `train_step(batch) -> logs`, `write_samples()`, `save()` a
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import time
@@ -45,6 +46,22 @@ def check_option_types(cls, values: dict[str, Any]) -> None:
         default = _default(option)
         if option.name in values and default is not None and not _same_kind(values[option.name], default):
             raise InfdError(f"training option {option.name} must be {_kind_name(default)}, got {json.dumps(values[option.name])}.")
+
+
+def check_keyword_options(function, values: dict[str, Any], what: str, exclude: tuple[str, ...] = ("self",)) -> None:
+    """Refuse, naming the key, an option that `function` does not take or whose kind differs from its default.
+
+    For option dicts passed on as keywords (a config's `model`): `{"latent_channels": "3"}`
+    would otherwise fail deep inside the model with a TypeError.
+    """
+    parameters = {name: p for name, p in inspect.signature(function).parameters.items() if name not in exclude}
+    unknown = sorted(set(values) - set(parameters))
+    if unknown:
+        raise InfdError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(parameters))}.")
+    for name, value in values.items():
+        default = parameters[name].default
+        if default is not inspect.Parameter.empty and default is not None and not _same_kind(value, default):
+            raise InfdError(f"{what} option {name} must be {_kind_name(default)}, got {json.dumps(value)}.")
 
 
 def _default(option: dataclasses.Field) -> Any:

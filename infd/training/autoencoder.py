@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from infd.store import (
 from infd.training import (
     StepTrainer,
     check_common_options,
+    check_keyword_options,
     check_option_types,
     losses,
     step_loader,
@@ -105,9 +105,7 @@ class AETrainConfig:
         if set(data) - data_names:
             raise InfdError(f"unknown data option(s) {', '.join(sorted(set(data) - data_names))}; known: {', '.join(sorted(data_names))}.")
         check_option_types(DataConfig, data)
-        model_names = set(inspect.signature(NeuralFieldAutoencoder.__init__).parameters) - {"self", "input_size"}
-        if set(values.get("model", {})) - model_names:
-            raise InfdError(f"unknown model option(s) {', '.join(sorted(set(values['model']) - model_names))}; known: {', '.join(sorted(model_names))}.")
+        check_keyword_options(NeuralFieldAutoencoder.__init__, values.get("model", {}), "model", exclude=("self", "input_size"))
         if "adam_betas" in values:
             values["adam_betas"] = tuple(values["adam_betas"])
         return cls(data=DataConfig(**data), **values)

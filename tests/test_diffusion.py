@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from infd import diffusion
 from infd.errors import InfdError
 from infd.latents import encode_folder
-from infd.training.autoencoder import checkpoint_dirs
+from infd.store import checkpoint_dirs
 from infd.training.ldm import LDMTrainConfig, build_unet, train_ldm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

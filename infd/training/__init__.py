@@ -1,9 +1,10 @@
 """The step loop that every infd trainer shares (autoencoder, latent diffusion).
 
-A trainer subclass holds `config` (steps, batch_size, log_every, sample_every,
-checkpoint_every), `out`, `accelerator`, `step`, `failed_images` and `progress`, and
-provides `batches()`, `train_step(batch) -> logs`, `write_samples()`, `save()` and
-`last_checkpoint()`. The loop logs to a progress bar and `out/log.jsonl`.
+`TrainConfig` loads, checks and saves a config (JSON, with `base`); `StepTrainer` sets a
+run up (`start_run`: config, run folder, accelerator, seed), runs the step loop (progress
+bar and `out/log.jsonl`) and writes checkpoints (`write_checkpoint`: atomic, pruned, with
+the progress every resume needs). A trainer subclass provides `batches()`,
+`train_step(batch) -> logs`, `write_samples()` and `save()`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,60 @@ import dataclasses
 import inspect
 import json
 import math
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ClassVar
 
 import torch
+from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from infd.errors import InfdError
-from infd.files import atomic_path
+from infd.files import atomic_directory, atomic_path
+from infd.store import (
+    MODEL_CONFIG,
+    checkpoint_dirs,
+    read_config_file,
+    restore_rng_states,
+    rng_states,
+    save_training_state,
+)
+
+
+class TrainConfig:
+    """What every training config does (a dataclass mixin): load from JSON (with `base`), check, save.
+
+    `tuple_options` are JSON lists held as tuples; `nested_options` turns nested dicts
+    (the autoencoder's `data`, checked `model`) into what the dataclass holds.
+    """
+
+    tuple_options: ClassVar[tuple[str, ...]] = ("adam_betas",)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        check_option_types(cls, values)
+        values = dict(values)
+        for name in cls.tuple_options:
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**cls.nested_options(values))
+
+    @classmethod
+    def nested_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(read_config_file(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def check_common_options(config) -> None:
@@ -123,8 +168,16 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
+def resolve_precision(mixed_precision: str) -> str:
+    """accelerate's mixed precision for a config's choice: "auto" is bf16 on a GPU that has it, else none."""
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mixed_precision
+
+
 class StepTrainer:
     name = "train"  # progress-bar label
+    checkpoint_marker = MODEL_CONFIG  # the file every complete checkpoint of this kind holds
     rate_name = "images_per_s"
     host_keys: tuple[str, ...] = ()  # batch entries that stay on the CPU (not moved to the device)
     seconds_before = 0.0  # training time of the earlier sessions of a resumed run (from its checkpoint)
@@ -134,6 +187,52 @@ class StepTrainer:
         """Wall-clock seconds of training so far, over every session of the run (for learning curves)."""
         now = time.perf_counter()
         return self.seconds_before + (now - self._session_start if self._session_start is not None else 0.0)
+
+    def start_run(self, config, out: str | Path, resume: bool, progress: bool) -> str:
+        """The setup every trainer shares: check the config and the run folder, then make the
+        accelerator and seed this process. Returns the mixed precision in use."""
+        config.validate()
+        self.config, self.out, self.progress = config, Path(out), progress
+        existing = self.checkpoints()
+        if resume and not existing:
+            raise InfdError(f"--resume was given but '{self.out}' has no checkpoint to resume from.")
+        if not resume and existing:
+            raise InfdError(f"'{self.out}' already holds checkpoints; pass --resume to continue it or choose a new --out.")
+        precision = resolve_precision(config.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        torch.manual_seed(config.seed + self.accelerator.process_index)
+        return precision
+
+    def checkpoints(self) -> list[Path]:
+        """The run's complete checkpoints, oldest first."""
+        return checkpoint_dirs(self.out, self.checkpoint_marker)
+
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints()[-1]
+
+    def progress_state(self) -> dict[str, Any]:
+        """What every checkpoint stores beside the models: step, counters, time, RNG, grad scaler."""
+        state: dict[str, Any] = {"step": self.step, "failed_images": self.failed_images, "elapsed_s": self.train_seconds(), **rng_states()}
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def restore_progress(self, state: dict[str, Any]) -> None:
+        """Undo `progress_state` (the grad scaler is restored after `accelerator.prepare`)."""
+        self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
+        self.seconds_before = float(state.get("elapsed_s", 0.0))
+        restore_rng_states(state)
+
+    def write_checkpoint(self, state: dict[str, Any], write_models: Callable[[Path], None]) -> None:
+        """checkpoints/step_NNNNNNN, written atomically by the main process: the models
+        (`write_models(folder)`) and the training state; then only the newest
+        `keep_checkpoints` are kept."""
+        target = self.out / "checkpoints" / f"step_{self.step:07d}"
+        with atomic_directory(target) as tmp:
+            write_models(Path(tmp))
+            save_training_state(Path(tmp), state)
+        for old in self.checkpoints()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def training_module(self) -> torch.nn.Module:
         raise NotImplementedError

@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
 from infd import geometry
 from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
 from infd.errors import InfdError
-from infd.files import atomic_directory
 from infd.geometry import Box
 from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
@@ -36,17 +33,13 @@ from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import encode, render_prepared, to_unit_rgb
 from infd.store import (
     MODEL_WEIGHTS,
-    checkpoint_dirs,
     find_checkpoint,
     load_optimizer_state,
     load_training_state,
-    read_config_file,
-    restore_rng_states,
-    rng_states,
-    save_training_state,
 )
 from infd.training import (
     StepTrainer,
+    TrainConfig,
     check_common_options,
     check_keyword_options,
     check_option_types,
@@ -56,7 +49,7 @@ from infd.training import (
 
 
 @dataclass
-class AETrainConfig:
+class AETrainConfig(TrainConfig):
     """Everything a run needs besides its data; saved as train_config.json in the run."""
 
     model: dict = field(default_factory=dict)  # NeuralFieldAutoencoder arguments
@@ -93,29 +86,14 @@ class AETrainConfig:
     freeze_decoder: bool = False
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> AETrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
-        check_option_types(cls, values)
-        values = dict(values)
-        data = values.pop("data", {})
+    def nested_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        data = values.get("data", {})
         data_names = {f.name for f in dataclasses.fields(DataConfig)}
         if set(data) - data_names:
             raise InfdError(f"unknown data option(s) {', '.join(sorted(set(data) - data_names))}; known: {', '.join(sorted(data_names))}.")
         check_option_types(DataConfig, data)
         check_keyword_options(NeuralFieldAutoencoder.__init__, values.get("model", {}), "model", exclude=("self", "input_size"))
-        if "adam_betas" in values:
-            values["adam_betas"] = tuple(values["adam_betas"])
-        return cls(data=DataConfig(**data), **values)
-
-    @classmethod
-    def load(cls, path: str | Path) -> AETrainConfig:
-        return cls.from_dict(read_config_file(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**values, "data": DataConfig(**data)}
 
     def validate(self) -> None:
         check_common_options(self)
@@ -201,14 +179,7 @@ class AutoencoderTrainer(StepTrainer):
     host_keys = ("size", "window", "cell")  # query geometry: computed on the CPU in float64, as for rendering
 
     def __init__(self, config: AETrainConfig, data: str | Path | list, out: str | Path, resume: bool = False, exclude=(), progress: bool = True):
-        config.validate()
-        self.config, self.out, self.progress = config, Path(out), progress
-        self.check_run_folder(resume)
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-        torch.manual_seed(config.seed + self.accelerator.process_index)
+        self.start_run(config, out, resume, progress)
         self.dataset = MixedResolutionDataset(data, config.data, seed=config.seed, exclude=exclude, cache_images=config.cache_images)
         self.model = build_model(config)
         self.disc = PatchDiscriminator() if config.gan_weight > 0 else None
@@ -221,7 +192,7 @@ class AutoencoderTrainer(StepTrainer):
         self.ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay > 0 else None
         self.step, self.failed_images, self.resumed_scaler = 0, 0, None
         if resume:
-            self.load(checkpoint_dirs(self.out)[-1])
+            self.load(self.last_checkpoint())
         self.model, self.opt_g = self.accelerator.prepare(self.model, self.opt_g)
         if self.disc is not None:
             self.disc, self.opt_d = self.accelerator.prepare(self.disc, self.opt_d)
@@ -229,13 +200,6 @@ class AutoencoderTrainer(StepTrainer):
             self.ema.to(self.accelerator.device)
         if self.resumed_scaler is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(self.resumed_scaler)
-
-    def check_run_folder(self, resume: bool) -> None:
-        existing = checkpoint_dirs(self.out)
-        if resume and not existing:
-            raise InfdError(f"--resume was given but '{self.out}' has no checkpoint to resume from.")
-        if not resume and existing:
-            raise InfdError(f"'{self.out}' already holds checkpoints; pass --resume to continue it or choose a new --out.")
 
     @property
     def unwrapped(self) -> NeuralFieldAutoencoder:
@@ -312,9 +276,6 @@ class AutoencoderTrainer(StepTrainer):
     def training_module(self) -> torch.nn.Module:
         return self.model
 
-    def last_checkpoint(self) -> Path:
-        return checkpoint_dirs(self.out)[-1]
-
     def write_samples(self, count: int = 4) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -342,28 +303,19 @@ class AutoencoderTrainer(StepTrainer):
         if not self.accelerator.is_main_process:
             return
         model = self.unwrapped
-        state: dict[str, Any] = {
-            "step": self.step,
-            "failed_images": self.failed_images,
-            "elapsed_s": self.train_seconds(),
-            "opt_g": self.opt_g.state_dict(),
-            **rng_states(),
-        }
+        state = {**self.progress_state(), "opt_g": self.opt_g.state_dict()}
         if self.disc is not None:
             state["disc"] = self.accelerator.unwrap_model(self.disc).state_dict()
             state["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
             state["model"] = model.state_dict()  # raw weights; the folder's model file holds EMA weights
-        if self.accelerator.scaler is not None:
-            state["scaler"] = self.accelerator.scaler.state_dict()
-        target = self.out / "checkpoints" / f"step_{self.step:07d}"
-        with atomic_directory(target) as tmp:
+
+        def write_model(folder: Path) -> None:
             with self.ema_weights():
-                model.save_pretrained(tmp, safe_serialization=True)
-            save_training_state(Path(tmp), state)
-        for old in checkpoint_dirs(self.out)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+                model.save_pretrained(folder, safe_serialization=True)
+
+        self.write_checkpoint(state, write_model)
 
     def load(self, folder: Path) -> None:
         state = load_training_state(folder)
@@ -377,9 +329,7 @@ class AutoencoderTrainer(StepTrainer):
             self.opt_d.load_state_dict(state["opt_d"])
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
-        self.seconds_before = float(state.get("elapsed_s", 0.0))
-        restore_rng_states(state)
+        self.restore_progress(state)
         self.resumed_scaler = state.get("scaler")
 
 

@@ -18,16 +18,13 @@ continues bit for bit. The same script runs on the CPU, one GPU (bf16) or many
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import broadcast
 from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
@@ -43,7 +40,6 @@ from infd.diffusion import (
 )
 from infd.diffusion.pipeline import INFDPipeline
 from infd.errors import InfdError, check_choice, quote_error
-from infd.files import atomic_directory
 from infd.images import save_image
 from infd.latents import (
     EncoderInputs,
@@ -56,19 +52,14 @@ from infd.rendering import render
 from infd.store import (
     MODEL_WEIGHTS,
     PIPELINE_INDEX,
-    checkpoint_dirs,
     load_autoencoder,
     load_optimizer_state,
     load_training_state,
-    read_config_file,
-    restore_rng_states,
-    rng_states,
-    save_training_state,
 )
 from infd.training import (
     StepTrainer,
+    TrainConfig,
     check_common_options,
-    check_option_types,
     step_loader,
 )
 from infd.training.autoencoder import ema_weights
@@ -78,7 +69,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LDMTrainConfig:
+class LDMTrainConfig(TrainConfig):
     """Everything an LDM run needs besides its autoencoder and data; saved as train_config.json."""
 
     unet: dict = field(default_factory=dict)  # UNet2DModel arguments; sample_size and channels come from the autoencoder
@@ -110,25 +101,7 @@ class LDMTrainConfig:
     sample_sampler: str = "ddim"
     sample_steps: int = 50
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> LDMTrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise InfdError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
-        check_option_types(cls, values)
-        values = dict(values)
-        for name in ("adam_betas", "sample_sizes"):
-            if name in values:
-                values[name] = tuple(values[name])
-        return cls(**values)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LDMTrainConfig:
-        return cls.from_dict(read_config_file(path))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    tuple_options: ClassVar[tuple[str, ...]] = ("adam_betas", "sample_sizes")
 
     def validate(self) -> None:
         check_common_options(self)
@@ -219,6 +192,7 @@ class LDMTrainer(StepTrainer):
 
     name = "train-ldm"
     rate_name = "latents_per_s"
+    checkpoint_marker = PIPELINE_INDEX  # every checkpoint is a pipeline folder
 
     def __init__(
         self,
@@ -231,24 +205,14 @@ class LDMTrainer(StepTrainer):
         exclude=(),
         progress: bool = True,
     ):
-        config.validate()
         if (latents is None) == (data is None):
             raise InfdError("pass exactly one of --latents (a cache from `infd encode-latents`) and --data (encode images on the fly).")
-        self.config, self.out, self.progress = config, Path(out), progress
-        existing = checkpoint_dirs(self.out, PIPELINE_INDEX)
-        if resume and not existing:
-            raise InfdError(f"--resume was given but '{self.out}' has no checkpoint to resume from.")
-        if not resume and existing:
-            raise InfdError(f"'{self.out}' already holds checkpoints; pass --resume to continue it or choose a new --out.")
         if autoencoder is None and not resume:
             raise InfdError("pass --ae, the autoencoder run (or checkpoint) whose latents the LDM learns.")
-        precision = config.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+        precision = self.start_run(config, out, resume, progress)
+        existing = self.checkpoints()
         self.sample_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         device = self.accelerator.device
-        torch.manual_seed(config.seed + self.accelerator.process_index)
 
         state = load_training_state(existing[-1]) if resume else None
         self.autoencoder = load_autoencoder(autoencoder if autoencoder is not None else existing[-1], device).requires_grad_(False)
@@ -363,9 +327,6 @@ class LDMTrainer(StepTrainer):
     def training_module(self) -> torch.nn.Module:
         return self.unet
 
-    def last_checkpoint(self) -> Path:
-        return checkpoint_dirs(self.out, PIPELINE_INDEX)[-1]
-
     def ema_weights(self):
         """The UNet holds its EMA weights inside this context (a no-op without EMA)."""
         return ema_weights(self.ema, list(self.unwrapped.parameters()))
@@ -395,27 +356,21 @@ class LDMTrainer(StepTrainer):
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
-        state: dict[str, Any] = {
-            "step": self.step,
-            "failed_images": self.failed_images,
-            "elapsed_s": self.train_seconds(),
+        state = {
+            **self.progress_state(),
             "scaling_factor": self.scaling_factor,
             "autoencoder_fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
-            **rng_states(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
             state["unet"] = self.unwrapped.state_dict()  # raw weights; unet/ holds the EMA weights
-        if self.accelerator.scaler is not None:
-            state["scaler"] = self.accelerator.scaler.state_dict()
-        target = self.out / "checkpoints" / f"step_{self.step:07d}"
-        with atomic_directory(target) as tmp:
+
+        def write_pipeline(folder: Path) -> None:
             with self.ema_weights():
-                self.pipeline().save_pretrained(tmp, safe_serialization=True)
-            save_training_state(Path(tmp), state)
-        for old in checkpoint_dirs(self.out, PIPELINE_INDEX)[: -self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+                self.pipeline().save_pretrained(folder, safe_serialization=True)
+
+        self.write_checkpoint(state, write_pipeline)
 
     def load(self, folder: Path, state: dict[str, Any]) -> dict | None:
         """Restore weights, optimizer, EMA, step, RNG and scaling factor; returns the grad scaler's state."""
@@ -427,10 +382,8 @@ class LDMTrainer(StepTrainer):
         load_optimizer_state(self.optimizer, state["optimizer"], folder)
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
-        self.step, self.failed_images = int(state["step"]), int(state.get("failed_images", 0))
-        self.seconds_before = float(state.get("elapsed_s", 0.0))
+        self.restore_progress(state)
         self.scaling_factor = float(state["scaling_factor"])
-        restore_rng_states(state)
         return state.get("scaler")
 
 

@@ -187,6 +187,41 @@ def write_json(path: Path, machine: dict, rows: list[dict], **extra) -> None:
     path.write_text(json.dumps({"machine": machine, **extra, "rows": rows}, indent=2, default=str) + "\n")
 
 
+class BenchmarkRun:
+    """The frame every benchmark script shares: a console, the machine (announced on start),
+    results/<name>-<device>[-<tag>].json and .png, the tables and the closing line.
+
+        run = BenchmarkRun("render", device, tag, args.out, "render benchmark")
+        run.save(rows, settings=settings)        # after every row: an interrupted run keeps them
+        run.table("Render throughput", COLUMNS, rows); run.goals(goals)
+        plot(run.png_path, run.machine, rows); run.done()
+    """
+
+    def __init__(self, name: str, device: torch.device, tag: str = "", out_dir: Path | None = None, title: str | None = None):
+        self.console = make_console()
+        self.machine = machine_info(device)
+        self.json_path = result_path(name, device, "json", tag, out_dir)
+        self.png_path = result_path(name, device, "png", tag, out_dir)
+        self.console.print(f"[bold]{title or name + ' benchmark'}[/] on {describe_machine(self.machine)}")
+
+    @property
+    def machine_name(self) -> str:
+        return self.machine.get("gpu") or self.machine["cpu"]
+
+    def save(self, rows: list[dict], **extra) -> None:
+        write_json(self.json_path, self.machine, rows, **extra)
+
+    def table(self, title: str, columns: Sequence[Column], rows: Sequence[dict]) -> None:
+        print_table(title, columns, rows)
+
+    def goals(self, goals: Sequence[dict]) -> None:
+        if goals:
+            print_table("Goals", GOAL_COLUMNS, goals)
+
+    def done(self) -> None:
+        self.console.print(f"wrote {self.json_path} and {self.png_path}")
+
+
 @dataclass
 class Column:
     """A table column: `key` into each row, `fmt` turns the value into text."""

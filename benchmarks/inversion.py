@@ -30,28 +30,7 @@ import functools
 from pathlib import Path
 
 import torch
-from common import (
-    GOAL_COLUMNS,
-    MIB,
-    Column,
-    Panel,
-    Series,
-    cuda_peak_bytes,
-    current_rss_bytes,
-    describe_machine,
-    goal,
-    machine_info,
-    make_console,
-    median,
-    peak_rss_bytes,
-    plot_panels,
-    print_table,
-    reset_cuda_peak,
-    result_path,
-    run_in_fresh_process,
-    time_runs,
-    write_json,
-)
+from common import MIB, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, current_rss_bytes, goal, median, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process, time_runs
 
 from infd.geometry import Box, crop_box, parse_size
 from infd.inversion import condition_losses
@@ -320,24 +299,21 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    console = make_console()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = machine_info(device)
-    console.print(f"[bold]inversion benchmark[/] on {describe_machine(machine)}")
+    run = BenchmarkRun("inversion", device, "quick" if args.quick else "", args.out)
+    console = run.console
     grad = gradient_check(args.model, args.width, device)
     console.print(f"  gradient check at {grad['canvas']}²: max |region - naive| = {grad['max_abs_difference']:.3g} (max |grad| {grad['max_abs_gradient']:.3g})")
     rows = run_sweep(args, device, console)
     goals = check_goals(rows, grad)
     settings = {"model": args.model, "config": MODELS[args.model], "renderer_width": args.width or MODELS[args.model]["renderer_hidden"], "regions": 3, "region": REGION, "repeats": args.repeats}
-    tag = "quick" if args.quick else ""
-    json_path, png_path = (result_path("inversion", device, suffix, tag, args.out) for suffix in ("json", "png"))
-    write_json(json_path, machine, rows, settings=settings, gradient_check=grad, goals=goals)
-    plot(png_path, machine, rows, settings)
-    print_table(f"inversion step: region-only vs full canvas then crop ({args.model} model, {device.type})", COLUMNS, rows)
-    print_table("goals", GOAL_COLUMNS, goals)
-    console.print(f"wrote {json_path} and {png_path}")
+    run.save(rows, settings=settings, gradient_check=grad, goals=goals)
+    plot(run.png_path, run.machine, rows, settings)
+    run.table(f"inversion step: region-only vs full canvas then crop ({args.model} model, {device.type})", COLUMNS, rows)
+    run.goals(goals)
+    run.done()
 
 
 if __name__ == "__main__":

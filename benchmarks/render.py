@@ -34,28 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import (
-    GOAL_COLUMNS,
-    MIB,
-    Column,
-    Panel,
-    Series,
-    cuda_peak_bytes,
-    current_rss_bytes,
-    describe_machine,
-    goal,
-    machine_info,
-    make_console,
-    median,
-    peak_rss_bytes,
-    plot_panels,
-    print_table,
-    reset_cuda_peak,
-    result_path,
-    run_in_fresh_process,
-    time_runs,
-    write_json,
-)
+from common import MIB, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, current_rss_bytes, goal, median, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process, time_runs
 
 from infd.geometry import Window, parse_size
 from infd.models import NeuralFieldAutoencoder
@@ -394,13 +373,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    console = make_console()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = machine_info(device)
-    console.print(f"[bold]render benchmark[/] on {describe_machine(machine)}")
+    run = BenchmarkRun("render", device, "quick" if args.quick else "", args.out)
+    console = run.console
 
     config = dict(QUICK_MODEL if args.quick else PAPER_MODEL, renderer_hidden=args.width)
     spec = {"ckpt": args.ckpt} if args.ckpt else {"config": config}
@@ -409,8 +387,6 @@ def main() -> None:
     width = model.config.renderer_hidden
     budget = whole_budget_bytes(device, args.whole_budget_gib)
     tiles = (args.tile,) if args.no_whole else (args.tile, None)
-    tag = "quick" if args.quick else ""
-    json_path, png_path = (result_path("render", device, suffix, tag, args.out) for suffix in ("json", "png"))
     settings = dict(
         model=spec,
         latent_shape=list(model.latent_shape),
@@ -422,7 +398,7 @@ def main() -> None:
     throughput, memory = [], []
 
     def save() -> None:  # after every row, so an interrupted run keeps what it measured
-        write_json(json_path, machine, throughput + memory, settings=settings)
+        run.save(throughput + memory, settings=settings)
 
     for variant in args.variants:  # load kernels / pick algorithms once per variant
         render_once(model, z, args.sizes[0], args.tile, variant)
@@ -452,14 +428,13 @@ def main() -> None:
         memory_rows, memory_note = memory, f"peak RSS of a fresh process; renderer width {memory_width}, not {width}"
 
     goals = check_goals(device, throughput, memory_rows, BASELINE[device.type])
-    print_table(f"Render throughput — {machine.get('gpu') or machine['cpu']}", COLUMNS, throughput)
+    run.table(f"Render throughput — {run.machine_name}", COLUMNS, throughput)
     if memory:
-        print_table(f"Peak memory (CPU, fresh process per row, width {memory[0]['renderer_width']})", COLUMNS, memory)
-    if goals:
-        print_table("Goals", GOAL_COLUMNS, goals)
-    write_json(json_path, machine, throughput + memory, settings=settings, goals=goals)
-    plot(png_path, machine, throughput, memory_rows, args.tile, memory_note)
-    console.print(f"wrote {json_path} and {png_path}")
+        run.table(f"Peak memory (CPU, fresh process per row, width {memory[0]['renderer_width']})", COLUMNS, memory)
+    run.goals(goals)
+    run.save(throughput + memory, settings=settings, goals=goals)
+    plot(run.png_path, run.machine, throughput, memory_rows, args.tile, memory_note)
+    run.done()
 
 
 if __name__ == "__main__":

@@ -39,28 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import (
-    MIB,
-    REPO_ROOT,
-    Column,
-    Panel,
-    Series,
-    cuda_peak_bytes,
-    current_rss_bytes,
-    describe_machine,
-    goal,
-    machine_info,
-    make_console,
-    median,
-    peak_rss_bytes,
-    plot_panels,
-    print_table,
-    reset_cuda_peak,
-    result_path,
-    run_in_fresh_process,
-    time_runs,
-    write_json,
-)
+from common import MIB, REPO_ROOT, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, current_rss_bytes, goal, median, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process, time_runs
 
 from infd import geometry
 from infd.diffusion import make_sampler, make_training_scheduler, sample
@@ -357,13 +336,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    console = make_console()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = machine_info(device)
-    console.print(f"[bold]sample benchmark[/] on {describe_machine(machine)}")
+    run = BenchmarkRun("sample", device, "quick" if args.quick else "", args.out)
+    console = run.console
     ae, unet, scaling_factor = build_models(args.spec, device)
     if any(m.startswith("fixed") for m in args.methods) and ae.fixed_renderer is None:
         console.print("[yellow]this autoencoder has no fixed-resolution head: only the infd rows are measured[/]")
@@ -383,8 +361,6 @@ def main() -> None:
         repeats=args.repeats,
         memory_note=memory_note,
     )
-    tag = "quick" if args.quick else ""
-    json_path, png_path = (result_path("sample", device, suffix, tag, args.out) for suffix in ("json", "png"))
     console.print(f"UNet {settings['unet_parameters'] / 1e6:.1f}M on z {'x'.join(map(str, ae.latent_shape))}, autoencoder {settings['autoencoder_parameters'] / 1e6:.1f}M, phi {'x'.join(map(str, ae.feature_shape))}")
 
     render_image(ae, decode(ae, torch.zeros(1, *ae.latent_shape, device=device), "infd", args.dtype), "infd", (64, 64), args.tile, args.dtype)  # load kernels
@@ -399,16 +375,15 @@ def main() -> None:
         rows.append(row)
         peak = f", render peak {row['render_peak_mib']:.0f} MiB" if "render_peak_mib" in row else ""
         console.print(f"  {method:>14} {row['size']:>10}: decode {row['decode_s']:.3f} s, render {row['render_s']:.3f} s{peak}")
-        write_json(json_path, machine, rows, settings=settings, sampling=sampling)
+        run.save(rows, settings=settings, sampling=sampling)
 
     finish_rows(rows, sampling)
     goals = check_goals(rows, device, paper=args.models == "paper" and not args.ckpt)
-    print_table(f"One image from noise — {machine.get('gpu') or machine['cpu']}", COLUMNS, rows)
-    if goals:
-        print_table("Goals", [Column("goal", "goal", justify="left"), Column("value", "value", lambda v: f"{v:.3f}"), Column("target", "target"), Column("met", "met", lambda v: "yes" if v else "NO")], goals)
-    write_json(json_path, machine, rows, settings=settings, sampling=sampling, goals=goals)
-    plot(png_path, machine, rows, settings)
-    console.print(f"wrote {json_path} and {png_path}")
+    run.table(f"One image from noise — {run.machine_name}", COLUMNS, rows)
+    run.goals(goals)
+    run.save(rows, settings=settings, sampling=sampling, goals=goals)
+    plot(run.png_path, run.machine, rows, settings)
+    run.done()
 
 
 if __name__ == "__main__":

@@ -28,28 +28,7 @@ import functools
 from pathlib import Path
 
 import torch
-from common import (
-    GOAL_COLUMNS,
-    MIB,
-    Column,
-    Panel,
-    Series,
-    cuda_peak_bytes,
-    current_rss_bytes,
-    describe_machine,
-    goal,
-    machine_info,
-    make_console,
-    median,
-    peak_rss_bytes,
-    plot_panels,
-    print_table,
-    reset_cuda_peak,
-    result_path,
-    run_in_fresh_process,
-    time_runs,
-    write_json,
-)
+from common import MIB, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, current_rss_bytes, goal, median, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process, time_runs
 from diffusers import AutoencoderKL
 
 from infd import geometry
@@ -288,18 +267,15 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    console = make_console()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda" and args.memory_cap_gib > 0:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total), torch.cuda.current_device())
-    machine = machine_info(device)
-    console.print(f"[bold]SD decoding benchmark[/] on {describe_machine(machine)}")
+    run = BenchmarkRun("sd", device, "quick" if args.quick else "", args.out, "SD decoding benchmark")
+    console = run.console
     spec_key = (("vae", tuple(args.vae.items())), ("renderer_hidden", args.renderer_hidden))  # hashable: `build` caches on it
-    tag = "quick" if args.quick else ""
-    json_path, png_path = (result_path("sd", device, suffix, tag, args.out) for suffix in ("json", "png"))
     settings = dict(vae=args.vae, renderer_hidden=args.renderer_hidden, tile=args.tile, memory_cap_gib=args.memory_cap_gib if device.type == "cuda" else None)
     rows: list[dict] = []
     for decoder in DECODERS:  # one model in memory at a time
@@ -311,18 +287,17 @@ def main() -> None:
                     row = measure_cpu(decoder, spec_key, side, args.tile, dtype)
                 rows.append(row)
                 console.print(progress_line(row))
-                write_json(json_path, machine, rows, settings=settings)
+                run.save(rows, settings=settings)
     if args.train_batch:
         rows.append(measure_finetune_step(spec_key, args.train_batch, device, args.dtypes[-1]))
         console.print(progress_line(rows[-1]))
     goals = check_goals(rows, args.native, device)
-    print_table(f"Decoding SD latents — {machine.get('gpu') or machine['cpu']}", COLUMNS, rows)
-    if goals:
-        print_table("Goals", GOAL_COLUMNS, goals)
-    write_json(json_path, machine, rows, settings=settings, goals=goals)
+    run.table(f"Decoding SD latents — {run.machine_name}", COLUMNS, rows)
+    run.goals(goals)
+    run.save(rows, settings=settings, goals=goals)
     cap = f", allocator capped at {args.memory_cap_gib:g} GiB" if device.type == "cuda" and args.memory_cap_gib > 0 else ""
-    plot(png_path, machine, [r for r in rows if r["decoder"] in DECODERS], f"CLIF width {args.renderer_hidden}, tile {args.tile}{cap}")
-    console.print(f"wrote {json_path} and {png_path}")
+    plot(run.png_path, run.machine, [r for r in rows if r["decoder"] in DECODERS], f"CLIF width {args.renderer_hidden}, tile {args.tile}{cap}")
+    run.done()
 
 
 if __name__ == "__main__":

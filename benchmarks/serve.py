@@ -36,26 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import (
-    GOAL_COLUMNS,
-    MIB,
-    REPO_ROOT,
-    Column,
-    Panel,
-    Series,
-    cuda_peak_bytes,
-    describe_machine,
-    goal,
-    machine_info,
-    make_console,
-    peak_rss_bytes,
-    plot_panels,
-    print_table,
-    reset_cuda_peak,
-    result_path,
-    run_in_fresh_process,
-    write_json,
-)
+from common import MIB, REPO_ROOT, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, goal, make_console, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process
 
 from infd.geometry import parse_size
 from infd.models import NeuralFieldAutoencoder
@@ -451,30 +432,27 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    console = make_console()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.screenshot:
         screenshot(args, args.screenshot)
-        console.print(f"wrote {args.screenshot}")
+        make_console().print(f"wrote {args.screenshot}")
         return
-    machine = machine_info(device)
-    console.print(describe_machine(machine))
+    run = BenchmarkRun("serve", device, "quick" if args.quick else "", args.out, "viewer benchmark")
+    console = run.console
     spec = model_spec(args)
     model = build_model(spec, device)
     dtype = torch.bfloat16 if args.bf16 else None
     model_text = describe_model(model, spec) + (", bf16" if args.bf16 else "")
     console.print(f"model: {model_text}")
-    tag = "quick" if args.quick else ""
-    json_path, png_path = result_path("serve", device, "json", tag, args.out), result_path("serve", device, "png", tag, args.out)
     tiles: list[dict] = []
     exports: list[dict] = []
 
     def save() -> None:
         goals = check_goals(args.device, tiles, exports)
-        write_json(json_path, machine, tiles + exports, model=model_text, goals=goals, tile_rows=len(tiles))
-        plot(png_path, machine, tiles, exports, model_text)
+        run.save(tiles + exports, model=model_text, goals=goals, tile_rows=len(tiles))
+        plot(run.png_path, run.machine, tiles, exports, model_text)
 
     if not args.no_tiles:
         with tempfile.TemporaryDirectory() as folder:
@@ -505,10 +483,10 @@ def main() -> None:
             console.print(f"  export {row['size']}: " + (f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mib']:.0f} MiB" if "seconds" in row else row.get("note", "")))
             save()
     save()
-    print_table(f"Tiles — {model_text}", TILE_COLUMNS, tiles)
-    print_table("Export (tiled pyramidal BigTIFF, deflate)", EXPORT_COLUMNS, exports)
-    print_table("Goals", GOAL_COLUMNS, check_goals(args.device, tiles, exports))
-    console.print(f"wrote {json_path} and {png_path}")
+    run.table(f"Tiles — {model_text}", TILE_COLUMNS, tiles)
+    run.table("Export (tiled pyramidal BigTIFF, deflate)", EXPORT_COLUMNS, exports)
+    run.goals(check_goals(args.device, tiles, exports))
+    run.done()
 
 
 if __name__ == "__main__":

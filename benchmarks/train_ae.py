@@ -30,16 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    Column,
-    Panel,
-    Series,
-    machine_info,
-    plot_panels,
-    print_table,
-    result_path,
-    write_json,
-)
+from common import BenchmarkRun, Column, Panel, Series, plot_panels  # noqa: E402
 
 from infd import evaluation, rendering, store  # noqa: E402
 from infd.data import WALLPAPER_HOLDOUT  # noqa: E402
@@ -104,11 +95,25 @@ def train_recipe(label: str, config_path: Path, data: Path, runs_dir: Path, minu
     return out
 
 
+def continued_from(config: dict) -> tuple[float, int]:
+    """(seconds, samples) a run started with `--init` from another run's checkpoint had already
+    had there, so that the continuation extends that run's curve (give both runs one label)."""
+    init = Path(config["init"]) if config.get("init") else None
+    parent = init.parent.parent if init is not None else None
+    if parent is None or not (parent / "log.jsonl").is_file() or not init.name.startswith("step_"):
+        return 0.0, 0
+    step = int(init.name.split("_")[1])
+    seconds, samples = continued_from(json.loads((parent / "train_config.json").read_text()))
+    own = time_at(run_times(parent), step) or 0.0
+    return seconds + own, samples + step * json.loads((parent / "train_config.json").read_text())["batch_size"]
+
+
 def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], every: int, device: torch.device, floors: dict) -> list[dict]:
     """One row per evaluated checkpoint of `run` (and floor rows in `floors`, once)."""
     config = json.loads((run / "train_config.json").read_text())
     batch = config["batch_size"]
     times = run_times(run)
+    seconds_before, samples_before = continued_from(config)
     checkpoints = checkpoint_dirs(run)
     chosen = checkpoints[::-1][::every][::-1]  # always the last one
     rows = []
@@ -127,8 +132,8 @@ def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], ev
                 {
                     "recipe": label,
                     "step": step,
-                    "samples": step * batch,
-                    "minutes": None if seconds is None else seconds / 60,
+                    "samples": samples_before + step * batch,
+                    "minutes": None if seconds is None else (seconds_before + seconds) / 60,
                     **{k: row[k] for k in ("scale", "psnr", "spectral_db", "colour", "rim_db", "blockiness", "zoom_blockiness")},
                 }
             )
@@ -223,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if not runs:
         raise SystemExit("pass --run LABEL=RUN or --recipe LABEL=CONFIG.")
     device = rendering.pick_device(args.device)
+    bench = BenchmarkRun("train_ae", device, args.tag, title="autoencoder learning curves")
     scales = evaluation.parse_scales(args.scales)
     paths, _ = evaluation.select_images(args.data, args.holdout, args.limit)
     floors: dict = {}
@@ -246,9 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         Column("zoom_blockiness", f"blockiness {evaluation.ZOOM}x", lambda v: f"{v:.2f}"),
     ]
     floor_rows = [{"recipe": f"{name} (floor)", **{k: row.get(k) for k in ("scale", "psnr", "spectral_db", "colour", "rim_db", "blockiness", "zoom_blockiness")}} for (name, _), row in floors.items()]
-    print_table("autoencoder learning curves (held out)", columns, rows + floor_rows)
+    bench.table("autoencoder learning curves (held out)", columns, rows + floor_rows)
     stand = marks(rows, floors)
-    print_table(
+    bench.table(
         "after 30 and 120 training minutes",
         [
             Column("recipe", "recipe", justify="left"),
@@ -261,19 +267,15 @@ def main(argv: list[str] | None = None) -> None:
         ],
         stand,
     )
-    machine = machine_info(device)
-    json_path = result_path("train_ae", device, "json", args.tag)
-    write_json(
-        json_path,
-        machine,
+    bench.save(
         rows,
         floors=[{"floor": name, **row} for (name, _), row in floors.items()],
         marks=stand,
-        settings={"scales": scales, "images": [p.name for p in paths], "runs": {label: str(run) for label, run in runs}, "every": args.every},
+        settings={"scales": scales, "images": [p.name for p in paths], "runs": [[label, str(run)] for label, run in runs], "every": args.every},
     )
     panels = curve_panels(rows, floors, scales[0])
-    plot_panels(result_path("train_ae", device, "png", args.tag), panels, "autoencoder learning curves, held-out wallpapers", columns=2)
-    print(f"wrote {json_path} and its .png")
+    plot_panels(bench.png_path, panels, "autoencoder learning curves, held-out wallpapers", columns=2)
+    bench.done()
 
 
 if __name__ == "__main__":

@@ -26,17 +26,7 @@ from torch.utils.data import Dataset, Sampler
 from infd import geometry
 from infd.errors import InfdError
 from infd.geometry import Size
-from infd.images import (
-    IMAGE_SUFFIXES,
-    MAX_IMAGE_PIXELS,
-    MIN_IMAGE_SIDE,
-    ImageError,
-    image_size,
-    load_image,
-    resize,
-    resize_window,
-    unit_float,
-)
+from infd.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, image_size, load_image, resize, resize_window, unit_float
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,7 @@ from infd.errors import InfdError
 from infd.geometry import Box, crop_box
 from infd.inversion import condition_losses, load_spec, render_region, spec_from_dict
 from infd.inversion.clip import CLIPScorer, load_clip
-from infd.inversion.conditions import (
-    Critics,
-    ImageRegion,
-    MaskedRegion,
-    TextRegion,
-    check_box,
-    condition_from_dict,
-    square_windows,
-)
+from infd.inversion.conditions import Critics, ImageRegion, MaskedRegion, TextRegion, check_box, condition_from_dict, square_windows
 from infd.rendering import render, render_prepared
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,13 +12,7 @@ from typer.testing import CliRunner
 from infd import rendering, store
 from infd.cli import app
 from infd.errors import InfdError
-from infd.stable_diffusion.convert import (
-    FINETUNE_CONFIG,
-    convert_autoencoder,
-    convert_vae,
-    finetune_config,
-    load_ldm_autoencoder,
-)
+from infd.stable_diffusion.convert import FINETUNE_CONFIG, convert_autoencoder, convert_vae, finetune_config, load_ldm_autoencoder
 from infd.training.autoencoder import AETrainConfig, train_autoencoder
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,16 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from infd import geometry
-from infd.data import (
-    WALLPAPER_HOLDOUT,
-    DataConfig,
-    MixedResolutionDataset,
-    StepBatchSampler,
-    list_images,
-    make_sample,
-    min_target_scale,
-    target_resolution,
-)
+from infd.data import WALLPAPER_HOLDOUT, DataConfig, MixedResolutionDataset, StepBatchSampler, list_images, make_sample, min_target_scale, target_resolution
 from infd.errors import InfdError
 
 SMALL = DataConfig(input_size=16, crop_size=16)

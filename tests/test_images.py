@@ -10,15 +10,7 @@ from PIL import Image
 
 from infd.errors import InfdError
 from infd.files import atomic_directory, atomic_path
-from infd.images import (
-    ImageError,
-    image_size,
-    load_image,
-    pil_to_tensor,
-    resize,
-    save_image,
-    to_uint8_hwc,
-)
+from infd.images import ImageError, image_size, load_image, pil_to_tensor, resize, save_image, to_uint8_hwc
 
 
 def noise(h: int, w: int, channels: int = 3, seed: int = 0) -> np.ndarray:

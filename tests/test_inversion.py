@@ -12,13 +12,7 @@ from typer.testing import CliRunner
 from infd.cli import app
 from infd.errors import InfdError
 from infd.geometry import Box
-from infd.inversion import (
-    InversionSpec,
-    SolverConfig,
-    condition_losses,
-    invert,
-    load_spec,
-)
+from infd.inversion import InversionSpec, SolverConfig, condition_losses, invert, load_spec
 from infd.inversion.conditions import Critics, ImageRegion, TextRegion
 from infd.latents import load_latent
 from infd.rendering import render

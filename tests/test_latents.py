@@ -9,14 +9,7 @@ from safetensors.torch import save_file
 
 from infd import rendering
 from infd.errors import InfdError
-from infd.latents import (
-    LatentCache,
-    encode_folder,
-    latent_std,
-    load_latent,
-    save_latent,
-    weights_fingerprint,
-)
+from infd.latents import LatentCache, encode_folder, latent_std, load_latent, save_latent, weights_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from infd import geometry, rendering
 from infd.geometry import Box
 from infd.models import NeuralFieldAutoencoder
-from infd.models.renderers import (
-    LIIFRenderer,
-    ensemble_lookup,
-    make_renderer,
-    query_layout,
-)
+from infd.models.renderers import LIIFRenderer, ensemble_lookup, make_renderer, query_layout
 
 
 def tiny_liif_model() -> NeuralFieldAutoencoder:

@@ -8,16 +8,7 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from infd.errors import InfdError
 from infd.models.discriminator import PatchDiscriminator
-from infd.training.losses import (
-    FocalFrequencyLoss,
-    LPIPSLoss,
-    adaptive_gan_weight,
-    generator_loss,
-    hinge_d_loss,
-    kl_loss,
-    l1_loss,
-    make_perceptual_loss,
-)
+from infd.training.losses import FocalFrequencyLoss, LPIPSLoss, adaptive_gan_weight, generator_loss, hinge_d_loss, kl_loss, l1_loss, make_perceptual_loss
 
 
 def striped_image(size: int = 32) -> torch.Tensor:

@@ -85,11 +85,7 @@ def test_frechet_distance_of_gaussians():
 
 @pytest.mark.parametrize("n, m, dim", [(30, 20, 64), (300, 200, 16)])  # fewer samples than dimensions, and more
 def test_frechet_distance_agrees_with_torch_fidelity(n, m, dim):
-    from torch_fidelity.metric_fid import (
-        KEY_METRIC_FID,
-        fid_features_to_statistics,
-        fid_statistics_to_metric,
-    )
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
     g = torch.Generator().manual_seed(1)
     a = torch.randn(n, dim, generator=g, dtype=torch.float64)

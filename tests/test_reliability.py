@@ -9,12 +9,7 @@ from typer.testing import CliRunner
 
 from infd.cli import app
 from infd.errors import InfdError
-from infd.latents import (
-    LATENT_SPACE_KEY,
-    latent_space_fingerprint,
-    load_latent,
-    save_latent,
-)
+from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, load_latent, save_latent
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import render
 

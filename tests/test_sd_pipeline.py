@@ -5,12 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    DiffusionPipeline,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import DiffusionPipeline, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from test_convert import tiny_vae
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer

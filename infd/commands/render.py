@@ -13,16 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infd.commands.common import (
-    BOX_HELP,
-    PRECISION_DEFAULT,
-    PRECISION_HELP,
-    RENDERER_HELP,
-    SIZE_HELP,
-    UPSAMPLE_HELP,
-    report,
-    reports_errors,
-)
+from infd.commands.common import BOX_HELP, PRECISION_DEFAULT, PRECISION_HELP, RENDERER_HELP, SIZE_HELP, UPSAMPLE_HELP, report, reports_errors
 from infd.errors import InfdError, check_choice
 
 

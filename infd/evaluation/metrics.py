@@ -225,9 +225,7 @@ class LPIPSMetric:
     """
 
     def __init__(self, vgg_path: str | Path | None = None, device: str | torch.device = "cpu", random_backbone: bool = False, tile: int = LPIPS_TILE):
-        from infd.training.losses import (
-            LPIPSLoss,  # imports lpips (and torchvision): only when asked for
-        )
+        from infd.training.losses import LPIPSLoss  # imports lpips (and torchvision): only when asked for
 
         self.loss = LPIPSLoss(vgg_path, random_backbone=random_backbone).to(device)
         self.device = torch.device(device)
@@ -368,9 +366,7 @@ class InceptionFeatures:
         if not path.is_file():
             raise InfdError(f"Inception weights file {path} does not exist. " + _MISSING_INCEPTION)
         state = _read_inception_state(path)
-        from torch_fidelity.feature_extractor_inceptionv3 import (
-            FeatureExtractorInceptionV3,
-        )
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         buffer = io.BytesIO()
         torch.save(state, buffer)

@@ -42,13 +42,7 @@ from infd import geometry
 from infd.diffusion import check_seed
 from infd.errors import InfdError, check_choice, quote_error
 from infd.geometry import Box, Size
-from infd.inversion.conditions import (
-    Condition,
-    Critics,
-    TextRegion,
-    condition_from_dict,
-    condition_to_dict,
-)
+from infd.inversion.conditions import Condition, Critics, TextRegion, condition_from_dict, condition_to_dict
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import render_prepared
 

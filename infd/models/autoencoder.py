@@ -16,14 +16,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError, check_choice
-from infd.models.renderers import (
-    LOOKUPS,
-    RENDERERS,
-    FixedResolutionRenderer,
-    Renderer,
-    ResidualCLIFRenderer,
-    make_renderer,
-)
+from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualCLIFRenderer, make_renderer
 from infd.models.trunks import SRDecoder, SREncoder
 
 LATENT_TYPES = ("kl", "vq")

@@ -29,12 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from infd import geometry
 from infd.diffusion import ClassifierFreeGuidance, check_sampling, make_sampler, sample
-from infd.diffusion.pipeline import (
-    IMAGE_OUTPUT_TYPES,
-    OUTPUT_TYPES,
-    InfdPipelineMixin,
-    to_output,
-)
+from infd.diffusion.pipeline import IMAGE_OUTPUT_TYPES, OUTPUT_TYPES, InfdPipelineMixin, to_output
 from infd.errors import InfdError, check_choice, quote_error
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder

@@ -25,14 +25,7 @@ from tqdm.auto import tqdm
 
 from infd.errors import InfdError
 from infd.files import atomic_directory, atomic_path
-from infd.store import (
-    MODEL_CONFIG,
-    checkpoint_dirs,
-    read_config_file,
-    restore_rng_states,
-    rng_states,
-    save_training_state,
-)
+from infd.store import MODEL_CONFIG, checkpoint_dirs, read_config_file, restore_rng_states, rng_states, save_training_state
 
 
 class TrainConfig:

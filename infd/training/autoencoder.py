@@ -31,21 +31,8 @@ from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import encode, render_prepared, to_unit_rgb
-from infd.store import (
-    MODEL_WEIGHTS,
-    find_checkpoint,
-    load_optimizer_state,
-    load_training_state,
-)
-from infd.training import (
-    StepTrainer,
-    TrainConfig,
-    check_common_options,
-    check_keyword_options,
-    check_option_types,
-    losses,
-    step_loader,
-)
+from infd.store import MODEL_WEIGHTS, find_checkpoint, load_optimizer_state, load_training_state
+from infd.training import StepTrainer, TrainConfig, check_common_options, check_keyword_options, check_option_types, losses, step_loader
 
 
 @dataclass

@@ -32,36 +32,14 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from infd.data import StepBatchSampler, epoch_order, list_images, mix_seed
-from infd.diffusion import (
-    PREDICTION_TYPES,
-    SAMPLERS,
-    diffusion_loss,
-    make_training_scheduler,
-)
+from infd.diffusion import PREDICTION_TYPES, SAMPLERS, diffusion_loss, make_training_scheduler
 from infd.diffusion.pipeline import INFDPipeline
 from infd.errors import InfdError, check_choice, quote_error
 from infd.images import save_image
-from infd.latents import (
-    EncoderInputs,
-    LatentCache,
-    keep_items,
-    latent_std,
-    weights_fingerprint,
-)
+from infd.latents import EncoderInputs, LatentCache, keep_items, latent_std, weights_fingerprint
 from infd.rendering import render
-from infd.store import (
-    MODEL_WEIGHTS,
-    PIPELINE_INDEX,
-    load_autoencoder,
-    load_optimizer_state,
-    load_training_state,
-)
-from infd.training import (
-    StepTrainer,
-    TrainConfig,
-    check_common_options,
-    step_loader,
-)
+from infd.store import MODEL_WEIGHTS, PIPELINE_INDEX, load_autoencoder, load_optimizer_state, load_training_state
+from infd.training import StepTrainer, TrainConfig, check_common_options, step_loader
 from infd.training.autoencoder import ema_weights
 
 log = logging.getLogger(__name__)

@@ -38,12 +38,7 @@ from infd.errors import InfdError, check_choice
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import LatentField
-from infd.viewer.deepzoom import (
-    TILE_FORMATS,
-    DeepZoom,
-    encode_tile,
-    render_tiles,
-)
+from infd.viewer.deepzoom import TILE_FORMATS, DeepZoom, encode_tile, render_tiles
 
 DEFAULT_VIRTUAL_SIDE = 65536
 MAX_SEED = 2**32 - 1

@@ -28,6 +28,7 @@ def hostile_cases(tmp_path, ckpt):
         "training config not an object": (["train-ae", "--data", tmp_path, "--out", tmp_path / "run", "--config", tmp_path / "list.json"], tmp_path / "run", "JSON object"),
         "spec nested 100,000 deep": (["invert", "--ckpt", ckpt, "--spec", tmp_path / "deep.json", "--out", tmp_path / "inv"], tmp_path / "inv", "too deeply"),
         "seed of 2^64": (["invert", "--ckpt", ckpt, "--spec", tmp_path / "spec.json", "--seed", SEED_PAST_64_BITS, "--out", tmp_path / "inv"], tmp_path / "inv", "seed"),
+        "truncated --init checkpoint": (["train-ae", "--data", tmp_path / "data", "--out", tmp_path / "run", "--init", tmp_path / "truncated", "--steps", "1", "--num-workers", "0"], tmp_path / "run", "could not load the autoencoder"),
         "scaling factor nan": (["convert-vae", "--vae", tmp_path / "none", "--scaling-factor", "nan", "--out", tmp_path / "vae"], tmp_path / "vae", "scaling factor"),
     }
 
@@ -51,6 +52,11 @@ def workspace(tmp_path_factory):
     (root / "unet").mkdir()
     (root / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 8}))
     (root / "list.json").write_text("[1, 2]")
+    (root / "data").mkdir()
+    write_pattern_image(root / "data" / "big.png", 300, 300)
+    (root / "truncated").mkdir()
+    (root / "truncated" / "config.json").write_bytes((root / "ae" / "config.json").read_bytes())
+    (root / "truncated" / "diffusion_pytorch_model.safetensors").write_bytes((root / "ae" / "diffusion_pytorch_model.safetensors").read_bytes()[:1000])
     (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     spec = {"canvas": "32", "steps": 1, "conditions": [{"type": "image", "box": [-1, -1, 1, 1], "image": "in.png", "loss": "l1"}]}
     (root / "spec.json").write_text(json.dumps(spec))
@@ -59,7 +65,7 @@ def workspace(tmp_path_factory):
 
 CASES = [
     "output is a folder", "parent of the output is a file", "checkpoint of another model", "training config not an object",
-    "spec nested 100,000 deep", "seed of 2^64", "scaling factor nan",
+    "spec nested 100,000 deep", "seed of 2^64", "scaling factor nan", "truncated --init checkpoint",
 ]
 
 

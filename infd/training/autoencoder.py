@@ -31,7 +31,7 @@ from infd.images import load_image, resize, save_image
 from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import encode, render_prepared, to_unit_rgb
-from infd.store import MODEL_WEIGHTS, find_checkpoint, load_optimizer_state, load_training_state
+from infd.store import MODEL_WEIGHTS, load_autoencoder, load_optimizer_state, load_training_state
 from infd.training import StepTrainer, TrainConfig, check_common_options, check_keyword_options, check_option_types, losses, step_loader
 
 
@@ -90,7 +90,7 @@ class AETrainConfig(TrainConfig):
 
 def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
     if config.init:
-        model = NeuralFieldAutoencoder.from_pretrained(find_checkpoint(config.init))
+        model = load_autoencoder(config.init)  # a damaged or foreign checkpoint is one sentence
     else:
         model = NeuralFieldAutoencoder(input_size=config.data.input_size, **config.model)
     if model.config.input_size != config.data.input_size:

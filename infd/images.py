@@ -28,6 +28,7 @@ from infd.geometry import Size, Window, check_size
 
 MAX_IMAGE_PIXELS = 2**28  # decompression-bomb cap: a header claiming more is refused before decoding
 MIN_IMAGE_SIDE = 8
+REDUCED_DECODE_PIXELS = 2**24  # above this, a load for a small use (the encoder's input) decodes reduced
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp")
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 
@@ -61,12 +62,21 @@ def image_size(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> S
     return height, width
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """Decode an image file to an upright RGB tensor (3, H, W), float32 in [0, 1]."""
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, reduce_to: int | None = None) -> torch.Tensor:
+    """Decode an image file to an upright RGB tensor (3, H, W), float32 in [0, 1].
+
+    Memory: the kept image takes 12 bytes a pixel, and decoding a file briefly takes its
+    own size again at 3-4 bytes a pixel (8-bit files; 16-bit and float ones 8-16), so a
+    2^28-pixel file (the cap) can take about 4 GiB. `reduce_to` (a side in pixels) is for
+    uses that need little resolution, like the encoder's input: an 8-bit file of more than
+    REDUCED_DECODE_PIXELS is then decoded reduced by the largest whole factor that keeps
+    its shorter side at least `reduce_to` (JPEG by DCT scaling, others by a box filter while
+    still 8-bit), so only the decode itself scales with the file.
+    """
     path = Path(path)
     image_size(path, max_pixels)  # refuse missing, tiny and oversized files before decoding
     try:
-        array = _decode(path)
+        array = _decode(path, reduce_to)
     except InfdError:
         raise
     except Exception as error:  # truncation and corruption surface as many exception types
@@ -186,7 +196,7 @@ def _tiff_orientation(page: tifffile.TiffPage) -> int:
     return int(orientation) if orientation in range(1, 9) else 1
 
 
-def _decode(path: Path) -> np.ndarray:
+def _decode(path: Path, reduce_to: int | None = None) -> np.ndarray:
     """Upright pixels (H, W, C) in [0, 1] (float, unclipped for float files), C in 1..4."""
     if _is_tiff(path):
         try:
@@ -196,7 +206,23 @@ def _decode(path: Path) -> np.ndarray:
     if _is_16bit_colour_png(path):
         return _decode_png16(path)
     with _open_pil(path) as image:
+        if reduce_to is not None and image.width * image.height > REDUCED_DECODE_PIXELS:
+            orientation = _pil_orientation(image)
+            return _orient(_pil_to_array(_reduced(image, reduce_to)), orientation)
         return _pil_to_array(ImageOps.exif_transpose(image))
+
+
+def _reduced(image: Image.Image, side: int) -> Image.Image:
+    """`image` shrunk by the largest whole factor that keeps its shorter side >= `side`, before
+    any float conversion: JPEG decodes at 1/2, 1/4 or 1/8 (draft), the rest are box-reduced.
+    Modes whose meaning a box filter would change (palettes, colour keys) stay as they are."""
+    factor = min(image.size) // side
+    if factor < 2 or image.mode not in ("L", "LA", "RGB", "RGBA") or "transparency" in image.info:
+        return image
+    if image.format == "JPEG":
+        image.draft(image.mode, (image.width // factor, image.height // factor))
+        factor = min(image.size) // side
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def _decode_png16(path: Path) -> np.ndarray:

@@ -91,7 +91,7 @@ class EncoderInputs(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            image = load_image(self.paths[index], self.max_pixels)
+            image = load_image(self.paths[index], self.max_pixels, reduce_to=self.input_size)
         except ImageError as error:
             return index, None, error.reason
         s = self.input_size

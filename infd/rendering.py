@@ -48,10 +48,11 @@ def pick_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Any image-like input -> (B, 3, H, W) float in [0, 1]."""
+def image_to_tensor(image: str | Path | Image.Image | np.ndarray | torch.Tensor, reduce_to: int | None = None) -> torch.Tensor:
+    """Any image-like input -> (B, 3, H, W) float in [0, 1]; a huge file is decoded reduced
+    to no less than `reduce_to` a side (`images.load_image`)."""
     if isinstance(image, (str, Path)):
-        return load_image(image)[None]
+        return load_image(image, reduce_to=reduce_to)[None]
     if isinstance(image, Image.Image):
         return pil_to_tensor(image)[None]
     if isinstance(image, np.ndarray):
@@ -72,9 +73,10 @@ def encode(model: NeuralFieldAutoencoder, image, sample: bool = False, generator
 
     The whole image is resized (antialiased) to the encoder's square input; the field's
     domain [-1, 1]² always spans the whole image, so render at the original aspect to get
-    it back.
+    it back. A file path is decoded only as large as the encoder needs (huge files reduced
+    while decoding, see `images.load_image`).
     """
-    x = image_to_tensor(image)
+    x = image_to_tensor(image, reduce_to=model.config.input_size)
     s = model.config.input_size
     param = next(model.parameters())
     x = resize(x, (s, s)).to(param.device, param.dtype) * 2 - 1

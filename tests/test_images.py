@@ -317,3 +317,27 @@ def test_resize_window_equals_the_same_pixels_of_the_whole_resize(h, w, rh, rw, 
     height, width = data.draw(st.integers(1, rh - top)), data.draw(st.integers(1, rw - left))
     expected = resize(image, (rh, rw))[:, top : top + height, left : left + width]
     torch.testing.assert_close(resize_window(image, (rh, rw), Window(top, left, height, width)), expected, atol=2e-5, rtol=0)
+
+
+def test_a_huge_file_decodes_reduced_for_the_encoder_and_keeps_its_picture(tmp_path):
+    """Issue 15 item 7: a 30-Mpx file loaded for a 128² encoder input never becomes a 360 MB float array."""
+    import tracemalloc
+
+    h, w = 5000, 6000  # 30 Mpx: above REDUCED_DECODE_PIXELS
+    rows = np.linspace(0, 255, h, dtype=np.float32)[:, None]
+    cols = np.linspace(0, 255, w, dtype=np.float32)[None, :]
+    pixels = np.stack([np.broadcast_to(rows, (h, w)), np.broadcast_to(cols, (h, w)), np.full((h, w), 90, np.float32)], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "huge.png", compress_level=1)
+    Image.fromarray(pixels).save(tmp_path / "huge.jpg", quality=95)
+    expected = resize(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255, (128, 128))
+    del pixels
+    for name in ("huge.png", "huge.jpg"):
+        tracemalloc.start()
+        reduced = load_image(tmp_path / name, reduce_to=128)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert 128 <= min(reduced.shape[-2:]) < 256 and abs(reduced.shape[-1] / reduced.shape[-2] - w / h) < 0.02
+        assert peak < 50 * 2**20, f"{name}: {peak / 2**20:.0f} MiB traced"
+        # What the encoder sees is the same picture (a box reduce, then the antialiased resize).
+        assert (resize(reduced[None], (128, 128)) - expected).abs().max() < 0.02
+    assert tuple(load_image(tmp_path / "huge.png").shape) == (3, h, w)  # without reduce_to: every pixel

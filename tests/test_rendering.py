@@ -151,3 +151,13 @@ def test_commands_render_in_bf16_by_default_only_on_cpus_with_bf16_instructions(
     assert rendering.render_dtype(gpu) is None and rendering.render_dtype(gpu, bf16=True) == torch.bfloat16
     monkeypatch.setattr(rendering, "native_bf16_cpu", lambda: False)
     assert rendering.render_dtype(cpu) is None
+
+
+@pytest.mark.parametrize("renderer", ["fixed", None])
+def test_bfloat16_renders_below_the_fixed_heads_resolution(make_tiny_model, renderer):
+    """Shrinking the fixed head's image (antialiased bicubic) has no bfloat16 kernel on the CPU; it runs in float32."""
+    model = make_tiny_model("clif", fixed_head=True)
+    z = torch.randn(1, *model.latent_shape)
+    small = rendering.render(model, z, (6, 5), dtype=torch.bfloat16, renderer=renderer)
+    assert small.shape == (1, 3, 6, 5) and torch.isfinite(small).all()
+    assert (small - rendering.render(model, z, (6, 5), renderer=renderer)).abs().mean() < 0.03

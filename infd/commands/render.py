@@ -39,14 +39,13 @@ def reconstruct(
     region = geometry.Box.parse(box) if box else None
     if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
         raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
-    picture = images.load_image(image)
-    out_size = out_size or tuple(picture.shape[-2:])
+    out_size = out_size or images.image_size(image)
     height, width = out_size
     if height * width > rendering.MAX_RENDER_PIXELS:
         raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
     model = store.load_autoencoder(ckpt, rendering.pick_device(device))
     start = time.perf_counter()
-    z = rendering.encode(model, picture[None])
+    z = rendering.encode(model, image)  # decoded only as large as the encoder needs
     canvas = np.empty((height, width, 3), dtype=np.uint8)
     dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     rendering.render(model, z, out_size, box=region, tile=tile, sink=rendering.ArraySink(canvas), dtype=dtype, progress=True)

@@ -265,8 +265,8 @@ class FixedResolutionRenderer(Renderer):
         h, w = rgb.shape[-2:]
         # Whole-image resolution the query pixels correspond to; shrink (antialiased) if coarser.
         target = (min(h, max(1, round(2 / float(cell[0])))), min(w, max(1, round(2 / float(cell[1])))))
-        if target != (h, w):
-            rgb = F.interpolate(rgb, size=target, mode="bicubic", antialias=True, align_corners=False)
+        if target != (h, w):  # antialiased shrinking has float32/64 kernels only (no bfloat16 on the CPU)
+            rgb = F.interpolate(rgb.float(), size=target, mode="bicubic", antialias=True, align_corners=False).to(rgb.dtype)
         gy, gx = torch.meshgrid(ys.to(rgb.device, rgb.dtype), xs.to(rgb.device, rgb.dtype), indexing="ij")
         grid = torch.stack([gx, gy], dim=-1)[None]  # grid_sample wants (x, y)
         return F.grid_sample(rgb, grid, mode="bicubic", padding_mode="border", align_corners=False)

@@ -3,6 +3,7 @@ caches, a bounded queue, seeds from a pipeline, view downloads, and 4xx for ever
 
 import io
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -153,6 +154,22 @@ def test_view_download_is_the_region_rendered_at_the_asked_size(served):
     assert response.status_code == 200 and "attachment" in response.headers["content-disposition"]
     expected = to_uint8_hwc(render(model, latent.z, (30, 50), box=Box(-0.5, -0.25, 0.25, 1.0)))
     assert np.array_equal(png(response.content), expected)
+
+
+def test_tiles_are_served_while_a_large_view_renders(make_tiny_model, one_torch_thread):
+    """A view renders one window per worker turn: a tile asked for after it is answered long before it ends."""
+    model = make_tiny_model()
+    book = LatentBook()
+    latent = book.add(torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(2)), "random", "a test latent", SIZE)
+    with TileService(model, book, TILE, OVERLAP, view_tile=32) as service:
+        view = service.view(latent.zid, Box.full(), (2048, 2048))  # 4096 windows
+        time.sleep(0.2)  # the worker is into the view
+        tile = service.tile(latent.zid, service.zoom(latent.zid).max_level, 0, 0)
+        tile.result(timeout=60)
+        assert not view.done(), "the tile waited for the whole view"
+        pixels = view.result(timeout=300)
+    assert pixels.shape == (2048, 2048, 3)
+    assert np.array_equal(pixels[:64, :96], to_uint8_hwc(render(model, latent.z, (2048, 2048), box=None, tile=32)[..., :64, :96]))
 
 
 def test_seeds_draw_reproducible_samples_from_a_pipeline(make_tiny_pipeline, tmp_path, one_torch_thread):

@@ -12,7 +12,9 @@ at start-up (from a z file or an encoded image). Ids are parsed, never used as p
 One worker thread owns the model. Requests wait in one bounded queue (full: `ServiceBusy`,
 which the app answers with 503); each time the worker is free it takes every waiting tile,
 up to `max_batch`, and renders those of one latent in one renderer call (continuous
-batching: no request waits for a batch to fill). Tiles are encoded to PNG/JPEG by a small
+batching: no request waits for a batch to fill). A view (a region at up to 4096² pixels)
+renders one window per worker turn, between the tile batches, so tiles never wait for a
+whole view: each request's cost to the others is bounded by one window. Tiles are encoded to PNG/JPEG by a small
 thread pool while the worker renders the next batch, and kept in an LRU cache of encoded
 bytes; a tile asked for again while in flight shares the first request's future.
 """
@@ -26,7 +28,7 @@ import queue
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -196,6 +198,12 @@ class _Job:
 
 
 @dataclass
+class _ViewJob:
+    steps: Iterator[None]  # renders one window per step; the generator returns the canvas
+    future: Future
+
+
+@dataclass
 class Stats:
     requests: int = 0
     cache_hits: int = 0
@@ -316,13 +324,16 @@ class TileService:
         self.book.check(zid)
         size = geometry.check_size(size, "view size")
 
-        def render_view() -> np.ndarray:
+        def render_view() -> Iterator[None]:
             canvas = np.empty((*size, 3), dtype=np.uint8)
             for window, pixels in self._field(zid).tiles(size, self.view_tile, box):
                 canvas[window.top : window.top + window.height, window.left : window.left + window.width] = pixels
+                yield  # the worker serves waiting tiles between a view's windows
             return canvas
 
-        return self.submit(render_view)
+        future: Future = Future()
+        self._enqueue(_ViewJob(render_view(), future))
+        return future
 
     def latent(self, zid: str) -> Future:
         """Future of the Latent (sampling a seed happens on the worker, in turn with rendering)."""
@@ -353,8 +364,11 @@ class TileService:
                 return items
 
     def _run(self) -> None:
+        """Each turn: every waiting tile (up to max_batch), the waiting jobs, then one window
+        of each view in progress; so a tile waits at most one view window, never a whole view."""
+        views: list[_ViewJob] = []
         while True:
-            items = [self._queue.get()]
+            items = [] if views else [self._queue.get()]
             while len(items) < self.max_batch:
                 try:
                     items.append(self._queue.get_nowait())
@@ -366,7 +380,11 @@ class TileService:
                 self._render_tiles(zid, list(group))
             for job in (item for item in items if isinstance(item, _Job)):
                 _settle(job.future, job.run)
+            views += [item for item in items if isinstance(item, _ViewJob)]
+            views = [view for view in views if _advance(view)]
             if stop:
+                for view in views:
+                    view.future.set_exception(ServiceBusy("the viewer is shutting down."))
                 return
 
     def _field(self, zid: str) -> LatentField:
@@ -413,6 +431,19 @@ class TileService:
             job.future.set_exception(error)
         else:
             job.future.set_result(data)
+
+
+def _advance(view: _ViewJob) -> bool:
+    """Render the view's next window; False once it is finished (its future then holds the canvas or the error)."""
+    try:
+        next(view.steps)
+    except StopIteration as finished:
+        view.future.set_result(finished.value)
+        return False
+    except Exception as error:  # the request learns of it; the worker goes on
+        view.future.set_exception(error)
+        return False
+    return True
 
 
 def _done(value) -> Future:

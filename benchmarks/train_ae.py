@@ -95,15 +95,18 @@ def train_recipe(label: str, config_path: Path, data: Path, runs_dir: Path, minu
     return out
 
 
-def continued_from(config: dict) -> tuple[float, int]:
+def continued_from(config: dict, run: Path) -> tuple[float, int]:
     """(seconds, samples) a run started with `--init` from another run's checkpoint had already
-    had there, so that the continuation extends that run's curve (give both runs one label)."""
-    init = Path(config["init"]) if config.get("init") else None
+    had there, so that the continuation extends that run's curve (give both runs one label).
+    The init path is as it was given to train-ae: relative to here, or to the runs' parent."""
+    if not config.get("init"):
+        return 0.0, 0
+    init = next((p for p in (Path(config["init"]), run.parent.parent / config["init"]) if p.is_dir()), None)
     parent = init.parent.parent if init is not None else None
     if parent is None or not (parent / "log.jsonl").is_file() or not init.name.startswith("step_"):
         return 0.0, 0
     step = int(init.name.split("_")[1])
-    seconds, samples = continued_from(json.loads((parent / "train_config.json").read_text()))
+    seconds, samples = continued_from(json.loads((parent / "train_config.json").read_text()), parent)
     own = time_at(run_times(parent), step) or 0.0
     return seconds + own, samples + step * json.loads((parent / "train_config.json").read_text())["batch_size"]
 
@@ -113,7 +116,7 @@ def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], ev
     config = json.loads((run / "train_config.json").read_text())
     batch = config["batch_size"]
     times = run_times(run)
-    seconds_before, samples_before = continued_from(config)
+    seconds_before, samples_before = continued_from(config, run)
     checkpoints = checkpoint_dirs(run)
     chosen = checkpoints[::-1][::every][::-1]  # always the last one
     rows = []

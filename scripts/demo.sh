@@ -5,7 +5,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 OUT="${INFD_DEMO_OUT:-outputs/demo}"
 PIPE="weights/wallpapers"
-SEED="${INFD_DEMO_SEED:-9}"
+SEED="${INFD_DEMO_SEED:-106}"
 mkdir -p "$OUT"
 infd info "$PIPE"
 infd sample --ckpt "$PIPE" --n 1 --seed "$SEED" --size 2048 --out "$OUT"

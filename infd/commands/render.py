@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infd.commands.common import BOX_HELP, PRECISION_DEFAULT, PRECISION_HELP, RENDERER_HELP, SIZE_HELP, UPSAMPLE_HELP, report, reports_errors
+from infd.commands.common import BOX_HELP, PRECISION_HELP, RENDERER_HELP, SIZE_HELP, UPSAMPLE_HELP, report, reports_errors
 from infd.errors import InfdError, check_choice
 
 
@@ -85,7 +85,7 @@ def sample(
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: sample and render in bfloat16 (autocast); --fp32: both in float32. Default: sample in float32, render as " + PRECISION_DEFAULT + "."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: sample and render in bfloat16 (autocast); --fp32: both in float32. Default: sample and render in float32."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later.

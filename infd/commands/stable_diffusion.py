@@ -58,7 +58,7 @@ def txt2img(
     renderer: Optional[str] = typer.Option(None, help="clif (default) or fixed: the original decoder's image, bicubic-upsampled (the baseline)."),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: denoise and render in bfloat16 (autocast); --fp32: both in float32. Default: denoise in float32, render in bfloat16 on CPUs with bfloat16 instructions and float32 elsewhere."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: denoise and render in bfloat16 (autocast); --fp32: both in float32. Default: both in float32."),
 ):
     """Text-to-image with Stable Diffusion, rendered at any size (2048², 4096², ...) by the converted autoencoder."""
     import torch

@@ -2,9 +2,10 @@
 
 `TrainConfig` loads, checks and saves a config (JSON, with `base`); `StepTrainer` sets a
 run up (`start_run`: config, run folder, accelerator, seed), runs the step loop (progress
-bar and `out/log.jsonl`) and writes checkpoints (`write_checkpoint`: atomic, pruned, with
-the progress every resume needs). A trainer subclass provides `batches()`,
-`train_step(batch) -> logs`, `write_samples()` and `save()`.
+bar and `out/log.jsonl`) and writes checkpoints (`save`: atomic, pruned, with the
+progress every resume needs). A trainer subclass provides `batches()`,
+`train_step(batch) -> logs`, `write_samples()`, `ema_weights()`, `training_state()` and
+`write_models(folder)`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -216,16 +217,29 @@ class StepTrainer:
         self.seconds_before = float(state.get("elapsed_s", 0.0))
         restore_rng_states(state)
 
-    def write_checkpoint(self, state: dict[str, Any], write_models: Callable[[Path], None]) -> None:
-        """checkpoints/step_NNNNNNN, written atomically by the main process: the models
-        (`write_models(folder)`) and the training state; then only the newest
-        `keep_checkpoints` are kept."""
+    def save(self) -> None:
+        """checkpoints/step_NNNNNNN, written atomically by the main process: the models with
+        their EMA weights (`write_models`) and the training state (`progress_state` and the
+        trainer's `training_state`); then only the newest `keep_checkpoints` are kept."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        state = {**self.progress_state(), **self.training_state()}
         target = self.out / "checkpoints" / f"step_{self.step:07d}"
         with atomic_directory(target) as tmp:
-            write_models(Path(tmp))
+            with self.ema_weights():
+                self.write_models(Path(tmp))
             save_training_state(Path(tmp), state)
         for old in self.checkpoints()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
+
+    def training_state(self) -> dict[str, Any]:
+        """The trainer's own part of a checkpoint's state: optimizers, EMA, raw weights."""
+        raise NotImplementedError
+
+    def write_models(self, folder: Path) -> None:
+        """Save the models into a checkpoint folder (called with the EMA weights in place)."""
+        raise NotImplementedError
 
     def training_module(self) -> torch.nn.Module:
         raise NotImplementedError

@@ -285,24 +285,18 @@ class AutoencoderTrainer(StepTrainer):
         """The model holds its EMA weights inside this context (a no-op without EMA)."""
         return ema_weights(self.ema, [p for p in self.unwrapped.parameters() if p.requires_grad])
 
-    def save(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        model = self.unwrapped
-        state = {**self.progress_state(), "opt_g": self.opt_g.state_dict()}
+    def training_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"opt_g": self.opt_g.state_dict()}
         if self.disc is not None:
             state["disc"] = self.accelerator.unwrap_model(self.disc).state_dict()
             state["opt_d"] = self.opt_d.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
-            state["model"] = model.state_dict()  # raw weights; the folder's model file holds EMA weights
+            state["model"] = self.unwrapped.state_dict()  # raw weights; the folder's model file holds EMA weights
+        return state
 
-        def write_model(folder: Path) -> None:
-            with self.ema_weights():
-                model.save_pretrained(folder, safe_serialization=True)
-
-        self.write_checkpoint(state, write_model)
+    def write_models(self, folder: Path) -> None:
+        self.unwrapped.save_pretrained(folder, safe_serialization=True)
 
     def load(self, folder: Path) -> None:
         state = load_training_state(folder)

@@ -330,12 +330,8 @@ class LDMTrainer(StepTrainer):
             images = render(self.autoencoder, z, (size, size), dtype=self.sample_dtype)
             save_image(torch.cat(list(images), dim=-1), self.out / "samples" / f"step_{self.step:07d}_{size}.png")
 
-    def save(self) -> None:
-        self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            **self.progress_state(),
+    def training_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
             "scaling_factor": self.scaling_factor,
             "autoencoder_fingerprint": self.fingerprint,
             "optimizer": self.optimizer.state_dict(),
@@ -343,12 +339,10 @@ class LDMTrainer(StepTrainer):
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
             state["unet"] = self.unwrapped.state_dict()  # raw weights; unet/ holds the EMA weights
+        return state
 
-        def write_pipeline(folder: Path) -> None:
-            with self.ema_weights():
-                self.pipeline().save_pretrained(folder, safe_serialization=True)
-
-        self.write_checkpoint(state, write_pipeline)
+    def write_models(self, folder: Path) -> None:
+        self.pipeline().save_pretrained(folder, safe_serialization=True)
 
     def load(self, folder: Path, state: dict[str, Any]) -> dict | None:
         """Restore weights, optimizer, EMA, step, RNG and scaling factor; returns the grad scaler's state."""

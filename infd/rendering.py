@@ -14,6 +14,7 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
@@ -168,6 +169,8 @@ class LatentField:
     upsampled (the baseline). `render`, `image` and `tiles` all return finished pixels:
     float32 in [0, 1] on the CPU, refusing NaN or infinite ones. `infd render`,
     `infd reconstruct`, the exports, the viewer and the evaluation all render through here.
+    The renderer and z are checked here, and phi is decoded at the first render, so that a
+    render's own checks (size, memory) also come before any work.
     """
 
     def __init__(
@@ -178,15 +181,18 @@ class LatentField:
         renderer: str | None = None,
         dtype: torch.dtype | None = None,
     ):
-        model.get_renderer(renderer)  # an unknown or missing renderer fails before any work
-        param = next(model.parameters())
-        z = check_latent(model, z)
+        self.halo = model.get_renderer(renderer).halo  # an unknown or missing renderer fails here
+        self.z = check_latent(model, z)
         self.model, self.box, self.renderer, self.dtype = model, box or Box.full(), renderer, dtype
-        self.device = param.device
-        self.batch = z.shape[0]
-        self.halo = model.get_renderer(renderer).halo
-        with torch.no_grad(), autocast(self.device, dtype):
-            self.state = model.prepare_render(z.to(param.device, param.dtype), renderer)
+        self.device = next(model.parameters()).device
+        self.batch = self.z.shape[0]
+
+    @functools.cached_property
+    def state(self) -> torch.Tensor:
+        """`model.prepare_render(z)`: phi (and what the renderer derives from it), decoded once."""
+        param = next(self.model.parameters())
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            return self.model.prepare_render(self.z.to(param.device, param.dtype), self.renderer)
 
     @torch.no_grad()
     def render(self, requests: Sequence[tuple[Size, Window]], box: Box | None = None) -> torch.Tensor:
@@ -276,10 +282,6 @@ def render(
     head (the upsampled baseline) instead of its own renderer. Every check runs before phi
     is decoded.
     """
-    size = geometry.check_size(size)
-    model.get_renderer(renderer)
-    z = check_latent(model, z)
-    check_render_memory(z.shape[0], size, sink, max_pixels)
     return LatentField(model, z, box, renderer, dtype).image(size, tile, sink, max_pixels, progress)
 
 

@@ -37,7 +37,7 @@ from infd.errors import InfdError, check_choice, quote_error
 from infd.files import atomic_path
 from infd.geometry import Box, Size
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import DEFAULT_TILE, ArraySink, check_latent, pick_device, render
+from infd.rendering import DEFAULT_TILE, ArraySink, Sink, check_latent, pick_device, render
 from infd.store import find_pipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -97,12 +97,19 @@ def render_latents(
     upsample: str = "bicubic",
     tile: int | Size | None = DEFAULT_TILE,
     dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Render z (B, C, h, w) at `size` with the chosen renderer: (B, 3, H, W) in [0, 1]."""
+    sink: Sink | None = None,
+    progress: bool = False,
+) -> torch.Tensor | None:
+    """Render z (B, C, h, w) at `size` with the chosen renderer: (B, 3, H, W) in [0, 1], or
+    None when a `sink` takes the tiles (Lanczos, a whole-image resampling, gives it one)."""
     check_upsample(renderer, upsample)
-    if upsample == "lanczos":
-        return lanczos_render(autoencoder, check_latent(autoencoder, z), size, box)
-    return render(autoencoder, z, size, box=box, tile=tile, dtype=dtype, renderer=renderer)
+    if upsample != "lanczos":
+        return render(autoencoder, z, size, box=box, tile=tile, dtype=dtype, renderer=renderer, sink=sink, progress=progress)
+    images = lanczos_render(autoencoder, check_latent(autoencoder, z), size, box)
+    if sink is None:
+        return images
+    sink(geometry.Window(0, 0, *images.shape[-2:]), images)
+    return None
 
 
 def render_to_array(
@@ -123,12 +130,7 @@ def render_to_array(
     """
     h, w = geometry.check_size(size)
     canvas = np.empty((h, w, 3), dtype=np.uint8)
-    sink = ArraySink(canvas)
-    check_upsample(renderer, upsample)
-    if upsample == "lanczos":
-        sink(geometry.Window(0, 0, h, w), lanczos_render(autoencoder, check_latent(autoencoder, z), (h, w), box))
-    else:
-        render(autoencoder, z, (h, w), box=box, tile=tile, dtype=dtype, renderer=renderer, sink=sink, progress=progress)
+    render_latents(autoencoder, z, (h, w), box, renderer, upsample, tile, dtype, sink=ArraySink(canvas), progress=progress)
     return canvas
 
 

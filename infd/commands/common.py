@@ -11,6 +11,7 @@ import functools
 import signal
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -30,6 +31,22 @@ PRECISION_HELP = f"Render in bfloat16 (autocast) or float32. Default: {PRECISION
 RENDERER_HELP = "clif (default: the autoencoder's own renderer) or fixed: the fixed-resolution baseline head, upsampled."
 UPSAMPLE_HELP = "How --renderer fixed upsamples: bicubic (tiled) or lanczos (PIL, whole image)."
 TIME_LIMIT_HELP = "Stop after this many minutes, at a step boundary, with a checkpoint (resume with --resume)."
+
+
+def check_image_suffix(out: Path) -> None:
+    """Refuse, before any work, an image output whose suffix we cannot write."""
+    from infd.images import SAVE_FORMATS
+
+    if out.suffix.lower() not in tuple(SAVE_FORMATS):
+        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(SAVE_FORMATS))}.")
+
+
+def check_output_pixels(height: int, width: int) -> None:
+    """Refuse an output image of more pixels than one in-memory image may have (`rendering.MAX_RENDER_PIXELS`)."""
+    from infd.rendering import MAX_RENDER_PIXELS
+
+    if height * width > MAX_RENDER_PIXELS:
+        raise InfdError(f"{width}x{height} is larger than the {MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
 
 
 def report(label: str, message: str, style: str = "green") -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from infd.commands.common import BOX_HELP, PRECISION_HELP, RENDERER_HELP, SIZE_HELP, UPSAMPLE_HELP, report, reports_errors
+from infd.commands.common import BOX_HELP, PRECISION_HELP, RENDERER_HELP, SIZE_HELP, UPSAMPLE_HELP, check_image_suffix, check_output_pixels, report, reports_errors
 from infd.errors import InfdError, check_choice
 
 
@@ -37,12 +37,10 @@ def reconstruct(
     check_output_path(out)
     out_size = geometry.parse_size(size) if size else None
     region = geometry.Box.parse(box) if box else None
-    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
-        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
+    check_image_suffix(out)
     out_size = out_size or images.image_size(image)
     height, width = out_size
-    if height * width > rendering.MAX_RENDER_PIXELS:
-        raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
+    check_output_pixels(height, width)
     model = store.load_autoencoder(ckpt, rendering.pick_device(device))
     start = time.perf_counter()
     z = rendering.encode(model, image)  # decoded only as large as the encoder needs
@@ -55,14 +53,13 @@ def reconstruct(
 
 def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str], upsample: str):
     """Parse and check the options `sample` and `render` share, before any work."""
-    from infd import geometry, rendering
+    from infd import geometry
     from infd.diffusion.pipeline import check_upsample
     from infd.models.renderers import RENDERERS
 
     parsed = [geometry.parse_size(text) for text in sizes]
     for height, width in parsed:
-        if height * width > rendering.MAX_RENDER_PIXELS:
-            raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
+        check_output_pixels(height, width)
     if renderer is not None:
         check_choice(renderer, RENDERERS, "renderer")
     check_upsample(renderer, upsample)

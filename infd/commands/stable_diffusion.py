@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from infd.commands.common import BOX_HELP, SIZE_HELP, report, reports_errors
+from infd.commands.common import BOX_HELP, SIZE_HELP, check_image_suffix, check_output_pixels, report, reports_errors
 from infd.errors import InfdError, check_choice
 
 
@@ -69,13 +69,11 @@ def txt2img(
     from infd.latents import LATENT_SPACE_KEY, latent_space_fingerprint, save_latent
     from infd.stable_diffusion.pipeline import load_sd_pipeline
 
-    if out.suffix.lower() not in tuple(images.SAVE_FORMATS):
-        raise InfdError(f"output '{out}' must end in one of {', '.join(tuple(images.SAVE_FORMATS))}.")
+    check_image_suffix(out)
     if n <= 0 or steps <= 0 or tile <= 0:
         raise InfdError(f"--n, --steps and --tile must be positive, got {n}, {steps} and {tile}.")
     height, width = geometry.parse_size(size)
-    if height * width > rendering.MAX_RENDER_PIXELS:
-        raise InfdError(f"{width}x{height} is larger than the {rendering.MAX_RENDER_PIXELS} pixels one output image may have; render a --box of it or a smaller --size.")
+    check_output_pixels(height, width)
     region = geometry.Box.parse(box) if box else None
     if sampler is not None:
         check_choice(sampler, SAMPLERS, "sampler")

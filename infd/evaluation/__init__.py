@@ -301,9 +301,10 @@ def load_models(specs: list[ModelSpec], device: torch.device) -> list[EvalModel]
         raise InfdError("nothing to evaluate: pass --ckpt RUN, or one or more --model LABEL=PATH[:renderer].")
     models = []
     for spec in specs:
-        model = store.load_autoencoder(spec.path, device)
+        folder = store.find_checkpoint(spec.path)
+        model = store.load_autoencoder(folder, device)
         model.get_renderer(spec.renderer)
-        evaluated = EvalModel("", model, spec.renderer, str(store.find_checkpoint(spec.path)))
+        evaluated = EvalModel("", model, spec.renderer, str(folder))
         evaluated.label = spec.label or default_label(evaluated.renderer_name)
         models.append(evaluated)
     labels = [m.label for m in models]

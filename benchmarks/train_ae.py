@@ -106,9 +106,10 @@ def continued_from(config: dict, run: Path) -> tuple[float, int]:
     if parent is None or not (parent / "log.jsonl").is_file() or not init.name.startswith("step_"):
         return 0.0, 0
     step = int(init.name.split("_")[1])
-    seconds, samples = continued_from(json.loads((parent / "train_config.json").read_text()), parent)
+    parent_config = json.loads((parent / "train_config.json").read_text())
+    seconds, samples = continued_from(parent_config, parent)
     own = time_at(run_times(parent), step) or 0.0
-    return seconds + own, samples + step * json.loads((parent / "train_config.json").read_text())["batch_size"]
+    return seconds + own, samples + step * parent_config["batch_size"]
 
 
 def evaluate_run(label: str, run: Path, paths: list[Path], scales: list[int], every: int, device: torch.device, floors: dict) -> list[dict]:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from infd import geometry
-from infd.errors import InfdError
+from infd.errors import InfdError, check_choice
 from infd.geometry import Size
 from infd.images import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageError, image_size, load_image, resize, resize_window, unit_float
 
@@ -46,6 +46,7 @@ Pass it as `exclude=WALLPAPER_HOLDOUT` when training on the wallpapers, and eval
 exactly these files, so numbers from different runs are comparable."""
 
 ASPECT_MODES = ("squash", "crop")
+CROP_SAMPLINGS = ("inside", "cover")
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
@@ -77,12 +78,20 @@ class DataConfig:
     field's domain [-1, 1]² spans the whole image, so non-square images have anisotropic
     cells. aspect "crop": a random square crop of the native image, as large as its short
     side, is used as the image.
+
+    crop_sampling "inside": the crop's corner is uniform over the positions inside the
+    image, so a pixel within a crop's width of the border is in fewer crops than the
+    interior's (the outermost in 1/crop_size as many) and the model learns the border
+    band least. "cover": the corner is uniform over every position where the crop
+    overlaps the image, then moved inside, so no pixel is in fewer crops than the
+    interior's (those near the border in up to twice as many).
     """
 
     input_size: int = 256  # encoder input, square
     crop_size: int = 256  # target crop, square
     aspect: str = "squash"
     max_pixels: int = MAX_IMAGE_PIXELS
+    crop_sampling: str = "inside"
 
     def __post_init__(self) -> None:
         for name in ("input_size", "crop_size", "max_pixels"):
@@ -91,6 +100,7 @@ class DataConfig:
                 raise InfdError(f"DataConfig.{name} must be a positive whole number, got {value!r}.")
         if self.aspect not in ASPECT_MODES:
             raise InfdError(f"DataConfig.aspect must be one of {', '.join(ASPECT_MODES)}, got {self.aspect!r}.")
+        check_choice(self.crop_sampling, CROP_SAMPLINGS, "DataConfig.crop_sampling")
 
 
 # ------------------------------------------------------------------ one training pair
@@ -131,7 +141,7 @@ def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Genera
     lowest = min_target_scale(native, config.input_size, c)
     scale = lowest + (1 - lowest) * torch.rand((), generator=generator, dtype=torch.float64).item()
     rh, rw = target_resolution(native, scale, c)
-    top, left = _randint(rh - c + 1, generator), _randint(rw - c + 1, generator)
+    top, left = crop_start(rh, c, config.crop_sampling, generator), crop_start(rw, c, config.crop_sampling, generator)
     # Only the crop of the downsampled image is computed (a few ms instead of tens for a
     # 2048² image); at native resolution the crop is the native pixels themselves.
     gt = resize_window(image, (rh, rw), geometry.Window(top, left, c, c))
@@ -145,6 +155,14 @@ def make_sample(image: torch.Tensor, config: DataConfig, generator: torch.Genera
         "coord": geometry.coord_grid(box, (c, c)),
         "cell": torch.tensor(geometry.cell_size(geometry.Box.full(), (rh, rw)), dtype=torch.float32),
     }
+
+
+def crop_start(length: int, crop: int, sampling: str, generator: torch.Generator) -> int:
+    """First index of a `crop`-long window in `length` (see DataConfig.crop_sampling); one draw from `generator`."""
+    if sampling == "inside":
+        return _randint(length - crop + 1, generator)
+    start = _randint(length + crop - 1, generator) - (crop - 1)  # any window overlapping [0, length)
+    return min(max(start, 0), length - crop)
 
 
 def _random_square_crop(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -249,3 +249,15 @@ def cell_edges(centers: torch.Tensor, n_features: int) -> torch.Tensor:
 def cell_in_feature_units(cell: torch.Tensor, n_features: int) -> torch.Tensor:
     """Pixel size measured in feature cells (1 = one feature per pixel)."""
     return cell * n_features / 2
+
+
+RIM_FRACTION = 0.03  # the outer band the rim figure compares with the interior (and a training loss may weight)
+
+
+def border_band(size: Size, fraction: float = RIM_FRACTION) -> torch.Tensor:
+    """Mask (H, W) of the outer band of an image: `fraction` of the height at top and bottom, of the width left and right (at least 1 px)."""
+    h, w = size
+    by, bx = max(1, math.ceil(fraction * h)), max(1, math.ceil(fraction * w))
+    mask = torch.ones(h, w, dtype=torch.bool)
+    mask[by : h - by, bx : w - bx] = False
+    return mask

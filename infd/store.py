@@ -80,12 +80,20 @@ def find_pipeline(path: str | Path) -> Path:
     raise InfdError(f"'{path}' holds no pipeline ({PIPELINE_INDEX} or checkpoints/step_*/{PIPELINE_INDEX}); pass a run from `infd train-ldm` or a pipeline folder.")
 
 
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> NeuralFieldAutoencoder:
-    """The autoencoder `path` names (see `find_checkpoint`) on `device`, in eval mode; errors are one sentence."""
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None) -> NeuralFieldAutoencoder:
+    """The autoencoder `path` names (see `find_checkpoint`) on `device`, in eval mode; errors are one sentence.
+
+    `overrides`: options of `NeuralFieldAutoencoder.WEIGHT_FREE_OPTIONS` to build it with
+    instead of the checkpoint's own (the weights load unchanged).
+    """
     folder = find_checkpoint(path)
     _check_model_kind(folder)
+    overrides = overrides or {}
+    foreign = sorted(set(overrides) - set(NeuralFieldAutoencoder.WEIGHT_FREE_OPTIONS))
+    if foreign:
+        raise InfdError(f"only {', '.join(NeuralFieldAutoencoder.WEIGHT_FREE_OPTIONS)} may replace a checkpoint's own options, not {', '.join(foreign)}.")
     try:
-        model = NeuralFieldAutoencoder.from_pretrained(folder)
+        model = NeuralFieldAutoencoder.from_pretrained(folder, **overrides)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         raise InfdError(f"could not load the autoencoder from '{folder}': {quote_error(error)}") from None
     device = pick_device(device) if isinstance(device, str) else device

@@ -1,10 +1,14 @@
 """Ship an `infd train-ldm` checkpoint: the pipeline folder in fp16, without training state.
 
-    python scripts/export_pipeline.py runs/wallpapers/ldm weights/wallpapers [--autoencoder weights/demo-ae] [--clip-sample-range 2.5]
+    python scripts/export_pipeline.py runs/wallpapers/ldm weights/wallpapers [--autoencoder weights/demo-ae] [--clip-sample-range 2.5] [--decoder RUN]
 
 Writes OUT (model_index.json, autoencoder/, unet/, scheduler/: config JSON + fp16
 safetensors) through a temporary folder renamed at the end, replacing OUT. With
---autoencoder also writes the autoencoder alone there, the same fp16 weights.
+--autoencoder also writes the autoencoder alone there, the same fp16 weights. With
+--decoder, the pipeline ships that autoencoder instead of the one its LDM was trained
+on: a decoder fine-tuned with a frozen encoder (`"freeze_encoder": true`), whose
+latents are the same, so the LDM needs no retraining; it takes the pipeline's latent
+scale, and an encoder that differs is refused.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from pathlib import Path
 import torch
 
 from infd.diffusion.pipeline import load_pipeline
+from infd.errors import InfdError
 from infd.files import atomic_directory
+from infd.models.autoencoder import NeuralFieldAutoencoder
+from infd.store import load_autoencoder
 
 
 def replace_with(path: Path, write) -> None:
@@ -42,6 +49,18 @@ def tidy(folder: Path) -> None:
                 path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def swap_decoder(trained_on: NeuralFieldAutoencoder, run: Path) -> NeuralFieldAutoencoder:
+    """The autoencoder of `run` with `trained_on`'s latent scale; refused unless its encoder is `trained_on`'s."""
+    scale = {k: trained_on.config[k] for k in ("scaling_factor", "shift_factor")}
+    model = load_autoencoder(run, overrides=scale)
+    encoder = ("encoder.", "quant_conv.")
+    ours, theirs = trained_on.state_dict(), model.state_dict()
+    same = ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours if k.startswith(encoder))
+    if not same or model.config.encoder_padding != trained_on.config.encoder_padding:
+        raise InfdError(f"the autoencoder in '{run}' encodes differently from the one the LDM was trained on; train it with \"freeze_encoder\": true and --init from that one.")
+    return model
+
+
 def save(model, tmp: Path) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tidy(tmp)
@@ -58,8 +77,12 @@ def main() -> None:
         "an epsilon-prediction UNet trained briefly errs most at the noisiest steps, where one small error "
         "in epsilon is a large one in x0, and without the clamp samples saturate.",
     )
+    parser.add_argument("--decoder", type=Path, default=None, help="Ship this autoencoder run (a decoder fine-tuned with a frozen encoder) instead.")
     args = parser.parse_args()
-    pipe = load_pipeline(args.ckpt).to(dtype=torch.float16)
+    pipe = load_pipeline(args.ckpt)
+    if args.decoder is not None:
+        pipe.register_modules(autoencoder=swap_decoder(pipe.autoencoder, args.decoder))
+    pipe = pipe.to(dtype=torch.float16)
     if args.clip_sample_range is not None:
         pipe.scheduler.register_to_config(clip_sample=True, clip_sample_range=args.clip_sample_range)
     replace_with(args.out, lambda tmp: save(pipe, tmp))

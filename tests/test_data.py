@@ -11,7 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from infd import geometry
-from infd.data import WALLPAPER_HOLDOUT, DataConfig, MixedResolutionDataset, StepBatchSampler, list_images, make_sample, min_target_scale, target_resolution
+from infd.data import WALLPAPER_HOLDOUT, DataConfig, MixedResolutionDataset, StepBatchSampler, crop_start, list_images, make_sample, min_target_scale, target_resolution
 from infd.errors import InfdError
 
 SMALL = DataConfig(input_size=16, crop_size=16)
@@ -236,8 +236,25 @@ def test_exclude_and_path_lists(folder):
     assert len(WALLPAPER_HOLDOUT) == 8 and all(name.endswith(".jpg") for name in WALLPAPER_HOLDOUT)
 
 
+def test_cover_sampling_puts_the_border_in_as_many_crops_as_the_interior():
+    """"inside" starts leave the outermost pixel in about 1/crop of the interior's crops; "cover" does not."""
+    length, crop, draws = 40, 8, 20_000
+
+    def coverage(sampling):
+        generator, counts = torch.Generator().manual_seed(0), torch.zeros(length)
+        for _ in range(draws):
+            start = crop_start(length, crop, sampling, generator)
+            assert 0 <= start <= length - crop
+            counts[start : start + crop] += 1
+        return counts / counts[length // 2 - 2 : length // 2 + 2].mean()
+
+    inside, cover = coverage("inside"), coverage("cover")
+    assert inside[0] < 0.2 and inside[crop // 2] < 0.7
+    assert cover.min() > 0.9 and cover[0] > 0.9 and cover.max() < 2.1
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"input_size": 0}, {"crop_size": -3}, {"aspect": "stretch"}, {"max_pixels": 0}, {"crop_size": 2.5}]
+    "kwargs", [{"input_size": 0}, {"crop_size": -3}, {"aspect": "stretch"}, {"max_pixels": 0}, {"crop_size": 2.5}, {"crop_sampling": "edges"}]
 )
 def test_config_validation(kwargs):
     with pytest.raises(InfdError):
@@ -292,10 +309,13 @@ def test_target_resolution_stays_between_crop_and_native(native, crop, input_siz
 
 
 @settings(max_examples=25, deadline=None)
-@given(h=st.integers(8, 60), w=st.integers(8, 60), crop=st.integers(4, 8), seed=st.integers(0, 2**31), aspect=st.sampled_from(["squash", "crop"]))
-def test_crop_lies_inside_the_target(h, w, crop, seed, aspect):
+@given(
+    h=st.integers(8, 60), w=st.integers(8, 60), crop=st.integers(4, 8), seed=st.integers(0, 2**31),
+    aspect=st.sampled_from(["squash", "crop"]), sampling=st.sampled_from(["inside", "cover"]),
+)
+def test_crop_lies_inside_the_target(h, w, crop, seed, aspect, sampling):
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
-    config = DataConfig(input_size=8, crop_size=crop, aspect=aspect)
+    config = DataConfig(input_size=8, crop_size=crop, aspect=aspect, crop_sampling=sampling)
     sample = make_sample(image, config, torch.Generator().manual_seed(seed))
     rh, rw = sample["size"].tolist()
     top, left = sample["window"].tolist()

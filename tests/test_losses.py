@@ -199,3 +199,16 @@ def test_patch_discriminator_default_widths_init_and_small_input_error():
     assert all(abs(n.weight.mean().item() - 1) < 0.01 for n in norms)
     with pytest.raises(InfdError, match="at least 24 px"):
         disc(torch.zeros(1, 3, 16, 16))
+
+
+def test_band_l1_sees_only_the_outer_band():
+    from infd.geometry import border_band
+    from infd.training.losses import band_l1_loss
+
+    target = torch.zeros(2, 3, 100, 100)
+    inside = target.clone()
+    inside[..., 10:90, 10:90] = 1.0  # errors away from the 3-px band only
+    assert band_l1_loss(inside, target).item() == 0.0
+    edge = target.clone()
+    edge[..., 0, :] = 1.0  # the top row: 100 of the band's pixels
+    assert abs(band_l1_loss(edge, target).item() - 100 / border_band((100, 100)).sum().item()) < 1e-6

@@ -19,6 +19,7 @@ VARIANTS = {
     "residual": dict(renderer="clif", residual_renderer=True),
     "anchored": dict(renderer="clif", **ANCHORED),
     "anchored-sr-trunk": dict(renderer="clif", trunk_type="sr", **ANCHORED),
+    "anchored-liif": dict(renderer="liif", trunk_type="sr", decoder_padding="replicate", **ANCHORED),
 }
 
 
@@ -49,14 +50,15 @@ def test_every_renderer_variant_tiles_without_seams(make_tiny_model, variant, bo
         assert (rendering.render(model, z, size, box=box, tile=tile) - whole).abs().max().item() <= 1e-5, f"seam at tile {tile}"
 
 
-def test_residual_renderer_starts_as_fixed_plus_bicubic(make_tiny_model):
-    model = make_tiny_model("clif", residual_renderer=True)
+@pytest.mark.parametrize("detail", ["clif", "liif"])
+def test_residual_renderer_starts_as_fixed_plus_bicubic(make_tiny_model, detail):
+    model = make_tiny_model(detail, residual_renderer=True)
     z = torch.randn(1, *model.latent_shape)
     for size, box in (((40, 56), None), ((64, 64), Box(-0.5, -0.5, 0.2, 0.3))):
         residual = rendering.render(model, z, size, box=box)
         fixed = rendering.render(model, z, size, box=box, renderer="fixed")
         assert torch.equal(residual, fixed)
-    perturbed(model)  # once trained, CLIF adds to the base
+    perturbed(model)  # once trained, CLIF (or LIIF) adds to the base
     assert not torch.equal(rendering.render(model, z, (40, 56)), rendering.render(model, z, (40, 56), renderer="fixed"))
 
 

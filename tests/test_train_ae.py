@@ -110,3 +110,40 @@ def test_time_limit_checkpoints_and_image_cache_changes_nothing(image_folder, tm
 def test_time_limit_must_be_a_non_negative_number():
     with pytest.raises(InfdError, match="time_limit"):
         tiny_config(time_limit=-1).validate()
+
+
+def test_init_takes_the_configs_padding_and_frozen_encoder(image_folder, tmp_path):
+    """--init keeps the checkpoint's weights and architecture but builds it with the config's
+    weight-free options (decoder padding here); a frozen encoder keeps its weights bit for bit."""
+    parent = train_autoencoder(tiny_config(steps=4, gan_weight=0.0), image_folder, tmp_path / "parent", progress=False)
+    model = {**tiny_config().model, "decoder_padding": "replicate", "block_out_channels": [4, 4, 4]}  # shapes: the checkpoint's
+    child = train_autoencoder(
+        tiny_config(steps=4, gan_weight=0.0, model=model, init=str(parent), freeze_encoder=True), image_folder, tmp_path / "child", progress=False
+    )
+    config = json.loads((child / "config.json").read_text())
+    assert config["decoder_padding"] == "replicate" and config["encoder_padding"] == "zeros"
+    assert config["block_out_channels"] == [8, 16, 16]
+    before, after = load_file(str(parent / "diffusion_pytorch_model.safetensors")), load_file(str(child / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("encoder."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+
+
+def test_padding_reaches_every_padded_conv_and_changes_the_features(make_tiny_model):
+    import torch.nn as nn
+
+    from infd.store import load_autoencoder
+
+    zeros = make_tiny_model("clif", trunk_type="sr", residual_renderer=True, latent_anchor=True)
+    replicate = make_tiny_model("clif", trunk_type="sr", residual_renderer=True, latent_anchor=True, decoder_padding="replicate")
+    replicate.load_state_dict(zeros.state_dict())
+    padded = [m for m in replicate.decoder.modules() if isinstance(m, nn.Conv2d) and any(m.padding)] + [replicate.renderer.base.head]
+    assert padded and all(m.padding_mode == "replicate" for m in padded)
+    assert all(m.padding_mode == "zeros" for m in replicate.encoder.modules() if isinstance(m, nn.Conv2d))
+    z = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        a, b = zeros.decode_features(z), replicate.decode_features(z)
+    assert not torch.allclose(a, b)
+    with pytest.raises(InfdError, match="decoder_padding"):
+        make_tiny_model("clif", decoder_padding="circular")
+    with pytest.raises(InfdError, match="not block_out_channels"):
+        load_autoencoder("weights/demo-ae", overrides={"block_out_channels": [8, 8]})

@@ -31,14 +31,13 @@ from torch import nn
 
 from infd import geometry
 from infd.errors import InfdError, quote_error
-from infd.geometry import Size
+from infd.geometry import RIM_FRACTION, Size, border_band
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K = (0.01, 0.03)
 LUMA = (0.299, 0.587, 0.114)  # Rec. 601, what "grayscale" means for the spectrum
 LPIPS_TILE = 512
-RIM_FRACTION = 0.03  # the outer band the rim figure compares with the interior
 
 _MISSING_INCEPTION = (
     "FID needs InceptionV3 weights: pass --inception PATH to torch-fidelity's "
@@ -164,15 +163,6 @@ def colour_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """
     pred, target = check_pair(pred, target)
     return (pred.double().mean((2, 3)) - target.double().mean((2, 3))).abs().mean(1).cpu() * 255
-
-
-def border_band(size: Size, fraction: float = RIM_FRACTION) -> torch.Tensor:
-    """Mask (H, W) of the outer band of an image: `fraction` of the height at top and bottom, of the width left and right (at least 1 px)."""
-    h, w = size
-    by, bx = max(1, math.ceil(fraction * h)), max(1, math.ceil(fraction * w))
-    mask = torch.ones(h, w, dtype=torch.bool)
-    mask[by : h - by, bx : w - bx] = False
-    return mask
 
 
 def rim_db(pred: torch.Tensor, target: torch.Tensor, fraction: float = RIM_FRACTION) -> torch.Tensor:

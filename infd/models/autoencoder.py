@@ -16,8 +16,8 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError, check_choice
-from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualCLIFRenderer, make_renderer
-from infd.models.trunks import SRDecoder, SREncoder
+from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualCLIFRenderer, ResidualDetail, ResidualLIIFRenderer, make_renderer
+from infd.models.trunks import PADDINGS, SRDecoder, SREncoder, set_padding
 
 LATENT_TYPES = ("kl", "vq")
 TRUNKS = ("vae", "sr")  # diffusers' VAE Encoder/Decoder (SD's blocks), or infd.models.trunks' normalisation-free SR trunk
@@ -32,8 +32,8 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     same trunk, trained jointly, so that INFD and "fixed decoder + upsampling" are one
     argument apart: `renderer="fixed"` in `prepare_render`/`render_window` (and rendering).
 
-    `residual_renderer=True` (what `infd convert-vae` builds) makes CLIF add detail to such a
-    head's bicubic upsampling instead (`ResidualCLIFRenderer`; the head is then also the
+    `residual_renderer=True` (what `infd convert-vae` builds) makes CLIF (or LIIF) add detail to such a
+    head's bicubic upsampling instead (`ResidualCLIFRenderer`, `ResidualLIIFRenderer`; the head is then also the
     "fixed" renderer). `scaling_factor` and `shift_factor` map z to the latents an LDM
     denoises: (z - shift_factor) * scaling_factor, as in diffusers' AutoencoderKL.
 
@@ -48,7 +48,13 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     conversion keeps the VAE trunk. `renderer_lookup="bilinear"` makes CLIF read interpolated features (no steps at
     feature-cell edges) and `detail_fade_cell` fades a residual renderer's detail for
     pixels finer than the trained scales (both in infd.models.renderers).
+    `encoder_padding` / `decoder_padding` ("zeros", "replicate", "reflect") set what the
+    padded convs read beyond the border: the encoder's, and the decoder's with the RGB
+    head's. Weight-free, like `detail_fade_cell` and the latent scale: `WEIGHT_FREE_OPTIONS`
+    may differ between a checkpoint and a run that starts from it (`train-ae --init`).
     """
+
+    WEIGHT_FREE_OPTIONS = ("encoder_padding", "decoder_padding", "detail_fade_cell", "scaling_factor", "shift_factor")
 
     config_name = "config.json"
 
@@ -75,6 +81,8 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         renderer_lookup: str = "nearest",
         detail_fade_cell: float = 0.0,
         trunk_type: str = "vae",
+        encoder_padding: str = "zeros",
+        decoder_padding: str = "zeros",
     ):
         super().__init__()
         check_choice(trunk_type, TRUNKS, "trunk_type")
@@ -105,19 +113,26 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
         else:
             self.decoder = SRDecoder(latent_channels, tuple(block_out_channels), layers_per_block)
-        if residual_renderer and (renderer_type != "clif" or fixed_head):
-            raise InfdError("residual_renderer needs renderer_type 'clif' and no fixed_head (its RGB head already is the fixed renderer).")
+        if residual_renderer and (renderer_type == "fixed" or fixed_head):
+            raise InfdError("residual_renderer needs renderer_type 'clif' or 'liif' and no fixed_head (its RGB head already is the fixed renderer).")
         if latent_anchor and not (residual_renderer and latent_channels >= in_channels):
             raise InfdError(f"latent_anchor needs residual_renderer: true and latent_channels >= {in_channels} (the thumbnail's channels).")
         check_choice(renderer_lookup, LOOKUPS, "renderer_lookup")
         if not detail_fade_cell >= 0:
             raise InfdError(f"detail_fade_cell {detail_fade_cell} must be >= 0 (0: no fade).")
         features = block_out_channels[0] + (in_channels if latent_anchor else 0)  # anchored: + the upsampled thumbnail
-        if residual_renderer:
+        if residual_renderer and renderer_type == "liif":
+            self.renderer = ResidualLIIFRenderer(features, renderer_hidden, 2 * renderer_blocks, detail_fade_cell, skip_rgb=latent_anchor)
+        elif residual_renderer:
             self.renderer = ResidualCLIFRenderer(features, renderer_hidden, renderer_blocks, renderer_lookup, detail_fade_cell, skip_rgb=latent_anchor)
         else:
             self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup)
         self.fixed_renderer = FixedResolutionRenderer(features) if fixed_head else None
+        check_choice(encoder_padding, PADDINGS, "encoder_padding")
+        check_choice(decoder_padding, PADDINGS, "decoder_padding")
+        set_padding(self.encoder, encoder_padding)
+        for module in (self.decoder, self.renderer, self.fixed_renderer or nn.Identity()):
+            set_padding(module, decoder_padding)  # the trunk and the RGB head (CLIF's own convs are unpadded)
         if latent_anchor:  # start as the thumbnail: zero residual on z, a small posterior variance
             nn.init.zeros_(self.quant_conv.weight)
             nn.init.zeros_(self.quant_conv.bias)
@@ -198,7 +213,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             return self.renderer
         if name == "fixed" and self.fixed_renderer is not None:
             return self.fixed_renderer
-        if name == "fixed" and isinstance(self.renderer, ResidualCLIFRenderer):
+        if name == "fixed" and isinstance(self.renderer, ResidualDetail):
             return self.renderer.base
         check_choice(name, RENDERERS, "renderer")
         hint = " (train it with the model option fixed_head: true)" if name == "fixed" else ""
@@ -236,7 +251,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         state = self.renderer.prepare(phi)
         pred = self.renderer(state, ys, xs, cell)
         out = {"pred": pred, "mean": mean, "logvar": logvar, "vq_loss": vq_loss}
-        if isinstance(self.renderer, ResidualCLIFRenderer):
+        if isinstance(self.renderer, ResidualDetail):
             out["base"] = state[:, -3:]  # the smooth base's RGB at phi's grid: the whole image at S²
         if self.fixed_renderer is not None:
             halo = self.renderer.halo

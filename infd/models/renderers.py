@@ -275,20 +275,43 @@ class FixedResolutionRenderer(Renderer):
         return self.head.weight
 
 
-class ResidualCLIFRenderer(CLIFRenderer):
-    """CLIF adding detail to the bicubic upsampling of a fixed-resolution RGB head.
+class ResidualDetail:
+    """Mixin: a renderer that adds detail to the bicubic upsampling of a fixed-resolution RGB head.
 
     The render is never worse than "fixed head + bicubic" at the start of training: the
-    CLIF output conv starts at zero, so CLIF learns only the detail the smooth base lacks.
-    For a converted LDM autoencoder the head is the original decoder's last conv, so at the
-    original output size the render equals the original decoder's image. The state is phi
-    and the head's image stacked, (B, F + 3, S, S), so tiles and the interface stay those
-    of every renderer.
+    detail renderer's output conv starts at zero, so it learns only the detail the smooth
+    base lacks. For a converted LDM autoencoder the head is the original decoder's last
+    conv, so at the original output size the render equals the original decoder's image.
+    The state is the detail renderer's state and the head's image stacked, (B, F' + 3, S, S),
+    so tiles and the interface stay those of every renderer.
 
     `fade_cell` > 0: the detail fades out (see `detail_weight`) for query pixels finer than
     `fade_cell` feature cells, the finest scale the model was trained on, so an extreme
     zoom shows the smooth base rather than the renderer's guesses outside its training.
+    Subclasses put the mixin before the detail renderer's class and call `add_base`.
     """
+
+    def add_base(self, feature_channels: int, fade_cell: float, skip_rgb: bool) -> None:
+        self.base = FixedResolutionRenderer(feature_channels, skip_rgb)
+        self.fade_cell = fade_cell
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
+        return torch.cat([super().prepare(phi), self.base.prepare(phi)], dim=1)
+
+    def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        detail_state, rgb = state[:, :-3], state[:, -3:]
+        halo = self.halo  # the head reads the window's centers without the detail renderer's halo
+        base = self.base(rgb, ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo], cell)
+        weight = detail_weight(cell, tuple(rgb.shape[-2:]), self.fade_cell)
+        if not weight.any():
+            return base  # past the fade: no detail to add, and no detail renderer to run
+        return base + weight.to(base.device, base.dtype) * super().forward(detail_state, ys, xs, cell)
+
+
+class ResidualCLIFRenderer(ResidualDetail, CLIFRenderer):
+    """CLIF adding detail to the bicubic upsampling of a fixed-resolution RGB head (see `ResidualDetail`)."""
 
     def __init__(
         self,
@@ -300,22 +323,15 @@ class ResidualCLIFRenderer(CLIFRenderer):
         skip_rgb: bool = False,
     ):
         super().__init__(feature_channels, hidden_channels, num_blocks, lookup)
-        self.base = FixedResolutionRenderer(feature_channels, skip_rgb)
-        self.fade_cell = fade_cell
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.add_base(feature_channels, fade_cell, skip_rgb)
 
-    def prepare(self, phi: torch.Tensor) -> torch.Tensor:
-        return torch.cat([phi, self.base.prepare(phi)], dim=1)
 
-    def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        phi, rgb = state[:, :-3], state[:, -3:]
-        halo = self.halo  # the head reads the window's centers without CLIF's halo
-        base = self.base(rgb, ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo], cell)
-        weight = detail_weight(cell, tuple(phi.shape[-2:]), self.fade_cell)
-        if not weight.any():
-            return base  # past the fade: no detail to add, and no CLIF to run
-        return base + weight.to(base.device, base.dtype) * super().forward(phi, ys, xs, cell)
+class ResidualLIIFRenderer(ResidualDetail, LIIFRenderer):
+    """LIIF (unfolded, local ensemble) adding detail to the same base: CLIF's residual recipe with LIIF's MLP."""
+
+    def __init__(self, feature_channels: int, hidden_channels: int = 256, num_layers: int = 4, fade_cell: float = 0.0, skip_rgb: bool = False):
+        super().__init__(feature_channels, hidden_channels, num_layers)
+        self.add_base(feature_channels, fade_cell, skip_rgb)
 
 
 def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2, lookup: str = "nearest") -> Renderer:

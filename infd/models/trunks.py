@@ -32,6 +32,21 @@ class ResidualBlock(nn.Module):
         return x + self.conv2(F.silu(self.conv1(F.silu(x))))
 
 
+PADDINGS = ("zeros", "replicate", "reflect")  # what the padded convs of a trunk read beyond the border
+
+
+def set_padding(module: nn.Module, mode: str) -> None:
+    """Make every padded conv in `module` pad with `mode` (one of PADDINGS); weights are unchanged.
+
+    Zero padding makes a conv see a dark frame around every map, which a decoder learns
+    to undo only partly: the outer band of its output reconstructs worse than the
+    interior. "replicate" and "reflect" continue the map instead.
+    """
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and any(conv.padding):
+            conv.padding_mode = mode
+
+
 def blocks(channels: int, count: int) -> nn.Sequential:
     return nn.Sequential(*[ResidualBlock(channels) for _ in range(count)])
 

@@ -50,6 +50,7 @@ class AETrainConfig(TrainConfig):
     l1_weight: float = 1.0
     fixed_head_weight: float = 1.0  # L1 of the fixed-resolution head (model option fixed_head), if any
     base_weight: float = 0.0  # L1 of a residual renderer's base image (at phi's grid) against the encoder input
+    base_rim_weight: float = 0.0  # and an L1 of that image's outer 3% band alone: its outermost pixels are what a zero-padded trunk learns worst
     perceptual: str = "auto"  # auto | lpips | ffl | none
     lpips_vgg: str | None = None
     perceptual_weight: float = 1.0
@@ -89,8 +90,9 @@ class AETrainConfig(TrainConfig):
 
 
 def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
-    if config.init:
-        model = load_autoencoder(config.init)  # a damaged or foreign checkpoint is one sentence
+    if config.init:  # the checkpoint's architecture, with the config's weight-free options (padding, ...)
+        overrides = {k: v for k, v in config.model.items() if k in NeuralFieldAutoencoder.WEIGHT_FREE_OPTIONS}
+        model = load_autoencoder(config.init, overrides=overrides)  # a damaged or foreign checkpoint is one sentence
     else:
         model = NeuralFieldAutoencoder(input_size=config.data.input_size, **config.model)
     if model.config.input_size != config.data.input_size:
@@ -214,6 +216,10 @@ class AutoencoderTrainer(StepTrainer):
                 base_l1 = losses.l1_loss(out["base"], batch["inp"])
                 rec = rec + cfg.base_weight * base_l1
                 logs["l1_base"] = float(base_l1.detach())
+                if cfg.base_rim_weight > 0:
+                    rim_l1 = losses.band_l1_loss(out["base"], batch["inp"])
+                    rec = rec + cfg.base_rim_weight * rim_l1
+                    logs["l1_base_rim"] = float(rim_l1.detach())
             if self.perceptual is not None:
                 perceptual = self.perceptual(pred.float(), target.float())
                 rec = rec + cfg.perceptual_weight * perceptual

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infd import geometry
 from infd.errors import InfdError, check_choice
 
 PERCEPTUAL_KINDS = ("auto", "lpips", "ffl", "none")
@@ -49,6 +50,12 @@ _MISSING_VGG = (
 def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean absolute error. pred, target: (B, C, H, W) -> scalar."""
     return (pred - target).abs().mean()
+
+
+def band_l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the outer band of the images only (`geometry.border_band`, 3% a side): scalar."""
+    band = geometry.border_band(tuple(pred.shape[-2:])).to(pred.device)
+    return (pred - target).abs()[..., band].mean()
 
 
 class FocalFrequencyLoss(focal_frequency_loss.FocalFrequencyLoss):

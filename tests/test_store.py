@@ -53,8 +53,12 @@ def test_the_cpu_and_liif_recipes_differ_from_the_gpu_one_only_where_they_say():
     gpu, cpu, liif = (AETrainConfig.load(CONFIGS / f"{name}.json").to_dict() for name in ("ae-wallpapers", "ae-wallpapers-cpu", "ae-wallpapers-liif"))
     assert cpu["model"]["trunk_type"] == gpu["model"]["trunk_type"] == "sr" and cpu["lr"] == gpu["lr"]
     assert cpu["batch_size"] == 8 and gpu["batch_size"] == 32
-    assert {k for k in gpu["model"] if gpu["model"][k] != liif["model"].get(k)} == {"renderer_type", "residual_renderer", "latent_anchor", "detail_fade_cell"}
+    assert {k for k in gpu["model"] if gpu["model"][k] != liif["model"].get(k)} == {"renderer_type"}  # only the detail network
     assert {k for k in gpu if k != "model" and gpu[k] != liif[k]} == set()
+    cpu_liif, finetune = (AETrainConfig.load(CONFIGS / f"{name}.json").to_dict() for name in ("ae-wallpapers-cpu-liif", "ae-wallpapers-cpu-finetune"))
+    assert {k for k in cpu["model"] if cpu["model"][k] != cpu_liif["model"].get(k)} == {"renderer_type"}
+    assert {k for k in cpu if k != "model" and cpu[k] != cpu_liif[k]} == set()
+    assert {k for k in cpu if cpu[k] != finetune[k]} == {"data", "freeze_encoder", "lr"} and finetune["data"]["crop_sampling"] == "cover"
 
 
 @pytest.mark.parametrize(

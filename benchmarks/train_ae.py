@@ -102,8 +102,8 @@ def continued_from(config: dict, run: Path) -> tuple[float, int]:
     if not config.get("init"):
         return 0.0, 0
     init = next((p for p in (Path(config["init"]), run.parent.parent / config["init"]) if p.is_dir()), None)
-    if init is not None and not init.name.startswith("step_") and checkpoint_dirs(init):
-        init = checkpoint_dirs(init)[-1]  # a run folder: its newest checkpoint, what --init took
+    if init is not None:
+        init = store.find_checkpoint(init)  # a run folder: its newest checkpoint, what --init took
     parent = init.parent.parent if init is not None else None
     if parent is None or not (parent / "log.jsonl").is_file() or not init.name.startswith("step_"):
         return 0.0, 0

@@ -16,7 +16,7 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError, check_choice
-from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualCLIFRenderer, ResidualDetail, ResidualLIIFRenderer, make_renderer
+from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualDetail, make_renderer
 from infd.models.trunks import PADDINGS, SRDecoder, SREncoder, set_padding
 
 LATENT_TYPES = ("kl", "vq")
@@ -121,23 +121,23 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         if not detail_fade_cell >= 0:
             raise InfdError(f"detail_fade_cell {detail_fade_cell} must be >= 0 (0: no fade).")
         features = block_out_channels[0] + (in_channels if latent_anchor else 0)  # anchored: + the upsampled thumbnail
-        if residual_renderer and renderer_type == "liif":
-            self.renderer = ResidualLIIFRenderer(features, renderer_hidden, 2 * renderer_blocks, detail_fade_cell, skip_rgb=latent_anchor)
-        elif residual_renderer:
-            self.renderer = ResidualCLIFRenderer(features, renderer_hidden, renderer_blocks, renderer_lookup, detail_fade_cell, skip_rgb=latent_anchor)
-        else:
-            self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup)
+        self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup, residual_renderer, detail_fade_cell, latent_anchor)
         self.fixed_renderer = FixedResolutionRenderer(features) if fixed_head else None
         check_choice(encoder_padding, PADDINGS, "encoder_padding")
         check_choice(decoder_padding, PADDINGS, "decoder_padding")
-        set_padding(self.encoder, encoder_padding)
-        for module in (self.decoder, self.renderer, self.fixed_renderer or nn.Identity()):
+        for module in self.encoding_modules():
+            set_padding(module, encoder_padding)
+        for module in filter(None, (self.decoder, self.renderer, self.fixed_renderer)):
             set_padding(module, decoder_padding)  # the trunk and the RGB head (CLIF's own convs are unpadded)
         if latent_anchor:  # start as the thumbnail: zero residual on z, a small posterior variance
             nn.init.zeros_(self.quant_conv.weight)
             nn.init.zeros_(self.quant_conv.bias)
             if latent_type == "kl":
                 nn.init.constant_(self.quant_conv.bias[latent_channels:], -10.0)
+
+    def encoding_modules(self) -> tuple[nn.Module, ...]:
+        """What maps an image to z: frozen together (`freeze_encoder`), and what must match for two models' latents to be the same."""
+        return (self.encoder, self.quant_conv)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

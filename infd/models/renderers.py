@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from infd import geometry
-from infd.errors import check_choice
+from infd.errors import InfdError, check_choice
 
 RENDERERS = ("clif", "liif", "fixed")
 
@@ -334,8 +334,24 @@ class ResidualLIIFRenderer(ResidualDetail, LIIFRenderer):
         self.add_base(feature_channels, fade_cell, skip_rgb)
 
 
-def make_renderer(kind: str, feature_channels: int, hidden_channels: int = 256, num_blocks: int = 2, lookup: str = "nearest") -> Renderer:
+def make_renderer(
+    kind: str,
+    feature_channels: int,
+    hidden_channels: int = 256,
+    num_blocks: int = 2,
+    lookup: str = "nearest",
+    residual: bool = False,
+    fade_cell: float = 0.0,
+    skip_rgb: bool = False,
+) -> Renderer:
+    """The renderer `kind` (one of RENDERERS); `residual`: its detail added to a fixed RGB head's bicubic (`ResidualDetail`)."""
     check_choice(kind, RENDERERS, "renderer")
+    if residual and kind == "fixed":
+        raise InfdError("a residual renderer adds CLIF's or LIIF's detail to the fixed head; 'fixed' has none to add.")
+    if residual and kind == "liif":
+        return ResidualLIIFRenderer(feature_channels, hidden_channels, 2 * num_blocks, fade_cell, skip_rgb)
+    if residual:
+        return ResidualCLIFRenderer(feature_channels, hidden_channels, num_blocks, lookup, fade_cell, skip_rgb)
     if kind == "clif":
         return CLIFRenderer(feature_channels, hidden_channels, num_blocks, lookup)
     if kind == "liif":

@@ -98,7 +98,7 @@ def build_model(config: AETrainConfig) -> NeuralFieldAutoencoder:
     if model.config.input_size != config.data.input_size:
         raise InfdError(f"the model's input size {model.config.input_size} differs from data.input_size {config.data.input_size}.")
     if config.freeze_encoder:
-        for module in (model.encoder, model.quant_conv):
+        for module in model.encoding_modules():
             module.requires_grad_(False)
     if config.freeze_decoder:
         for module in (model.post_quant_conv, model.decoder):

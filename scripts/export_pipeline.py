@@ -80,9 +80,12 @@ def main() -> None:
     )
     parser.add_argument("--decoder", type=Path, default=None, help="Ship this autoencoder run (a decoder fine-tuned with a frozen encoder) instead.")
     args = parser.parse_args()
-    pipe = load_pipeline(args.ckpt)
-    if args.decoder is not None:
-        pipe.register_modules(autoencoder=swap_decoder(pipe.autoencoder, args.decoder))
+    try:  # a missing or mismatched model is one sentence, before anything is written
+        pipe = load_pipeline(args.ckpt)
+        if args.decoder is not None:
+            pipe.register_modules(autoencoder=swap_decoder(pipe.autoencoder, args.decoder))
+    except InfdError as error:
+        raise SystemExit(f"export_pipeline: {error}") from None
     pipe = pipe.to(dtype=torch.float16)
     if args.clip_sample_range is not None:
         pipe.scheduler.register_to_config(clip_sample=True, clip_sample_range=args.clip_sample_range)

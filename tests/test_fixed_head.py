@@ -63,10 +63,13 @@ def test_asking_for_a_missing_renderer_is_a_clear_error(make_tiny_model):
 
 
 def test_the_head_trains_jointly_with_the_autoencoder(image_folder, tmp_path):
-    config = tiny_config(steps=40, gan_weight=0.0, checkpoint_every=40, sample_every=40)
+    # 100 steps: the head's L1 falls to 0.52-0.60 of its start on seeds 0-3 (AVX2); 40 steps
+    # gave 0.80-0.90, too close to any threshold to hold on every CPU and seed.
+    config = tiny_config(steps=100, gan_weight=0.0, checkpoint_every=100, sample_every=100)
     config.model = {**config.model, "fixed_head": True}
     last = train_autoencoder(config, image_folder, tmp_path / "run", progress=False)
     log = read_log(tmp_path / "run")
     assert all("l1_fixed" in row for row in log)
-    assert log[-1]["l1_fixed"] + log[-2]["l1_fixed"] < 0.8 * (log[0]["l1_fixed"] + log[1]["l1_fixed"])
+    start, end = (log[0]["l1_fixed"] + log[1]["l1_fixed"]) / 2, sum(row["l1_fixed"] for row in log[-4:]) / 4
+    assert end < 0.8 * start, f"the fixed head's L1 went from {start:.3f} to {end:.3f}"
     assert isinstance(NeuralFieldAutoencoder.from_pretrained(last).fixed_renderer, torch.nn.Module)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TEST_SEED, TINY_MODEL
 from safetensors.torch import load_file
 
 from infd.errors import InfdError
@@ -24,6 +24,7 @@ def tiny_config(**overrides) -> AETrainConfig:
         log_every=5,
         checkpoint_every=25,
         sample_every=50,
+        seed=TEST_SEED,
     )
     values.update(overrides)
     return AETrainConfig.from_dict(values)

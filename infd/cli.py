@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from infd.commands import evaluate, invert, render, stable_diffusion, train, viewer
+from infd.commands import doctor, evaluate, invert, render, stable_diffusion, train, viewer
 
 app = typer.Typer(
     name="infd",
@@ -33,6 +33,7 @@ COMMANDS = {
     "invert": invert.invert_command,
     "convert-vae": stable_diffusion.convert_vae,
     "txt2img": stable_diffusion.txt2img,
+    "doctor": doctor.doctor,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

@@ -15,6 +15,7 @@ receiving each finished tile, e.g. `ArraySink` over a numpy memmap).
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Callable
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from infd import geometry
+from infd import geometry, system
 from infd.errors import InfdError
 from infd.geometry import Box, Size, Window
 from infd.images import load_image, pil_to_tensor, resize, to_uint8_hwc
@@ -35,6 +36,9 @@ MAX_RENDER_PIXELS = 8192 * 8192
 DEFAULT_TILE = 512
 
 Sink = Callable[[Window, torch.Tensor], None]
+
+# Tiles reuse the memory of the tile before instead of page-faulting fresh pages in (see system.tune_allocator).
+system.tune_allocator()
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -94,38 +98,58 @@ def check_latent(model: NeuralFieldAutoencoder, z: torch.Tensor) -> torch.Tensor
     return z
 
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU instructions that make bfloat16 convolutions fast
-# bfloat16 is the default on such CPUs only while it changes the shipped model's held-out
-# PSNR by under 0.05 dB. The weights trained to +2 dB over the thumbnail floor lose 0.051 dB
-# at 512 (and 0.021 at 2048) and gain visible rounding noise in flat areas, so commands
-# render in float32 unless given --bf16 (README, "Fidelity on the held-out wallpapers").
+# bfloat16 is the default on CPUs where it is fast only while it changes the shipped model's
+# held-out PSNR by under 0.05 dB. The weights trained to +2 dB over the thumbnail floor lose
+# 0.051 dB at 512 (and 0.021 at 2048) and gain visible rounding noise in flat areas, so
+# commands render in float32 unless given --bf16 (README, "Fidelity on the held-out wallpapers").
 BF16_BY_DEFAULT_ON_NATIVE_CPUS = False
+SLOW_BF16_MESSAGE = (
+    "bfloat16 was asked for, but this {device} has no fast bfloat16 (see `infd doctor`), "
+    "so infd runs in float32 instead (faster here, and more precise)."
+)
 
 
-def native_bf16_cpu() -> bool:
-    """Whether this CPU has bfloat16 instructions (Linux /proc/cpuinfo flags; False when unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in BF16_CPU_FLAGS)
+class PrecisionWarning(UserWarning):
+    """A render runs in another precision than the one asked for (bfloat16 on a machine without fast bfloat16)."""
+
+
+_warned_slow_bf16 = False  # the fallback warns once per process
+
+
+def effective_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The precision a render (or sampling) on `device` runs in when `dtype` is asked for.
+
+    bfloat16 only where it is fast (`system.fast_bf16`: CUDA GPUs, CPUs with bfloat16
+    instructions); elsewhere float32 (None), with one PrecisionWarning per process, since
+    emulated bfloat16 is both slower and less exact. Every render precision goes through here
+    (`autocast`, `render_dtype`), so `render(dtype=torch.bfloat16)`, `LatentField`, the
+    exports, the viewer, the evaluation and the commands' --bf16 all fall back alike.
+    """
+    global _warned_slow_bf16
+    if dtype != torch.bfloat16 or system.fast_bf16(device):
+        return dtype
+    if not _warned_slow_bf16:
+        _warned_slow_bf16 = True
+        # warn_explicit without a source line: one line on stderr, under the CLI as in a script.
+        warnings.warn_explicit(SLOW_BF16_MESSAGE.format(device="CPU" if device.type == "cpu" else device.type), PrecisionWarning, "infd", 0)
+    return None
 
 
 def render_dtype(device: torch.device, bf16: bool | None = None) -> torch.dtype | None:
-    """The precision of a command's render: bf16 when asked (True), fp32 when asked (False).
+    """The precision of a command's render: bfloat16 when asked (True) and fast here (`effective_dtype`), float32 when asked (False).
 
-    By default (None) float32; bfloat16 on CPUs with bfloat16 instructions only while
+    By default (None) float32; bfloat16 on CPUs with fast bfloat16 only while
     BF16_BY_DEFAULT_ON_NATIVE_CPUS holds (it renders 2048² 2.8x faster there, but the
     shipped model's PSNR changes by more than the 0.05 dB that allows; see above).
     """
     if bf16 is None:
-        bf16 = BF16_BY_DEFAULT_ON_NATIVE_CPUS and device.type == "cpu" and native_bf16_cpu()
-    return torch.bfloat16 if bf16 else None
+        bf16 = BF16_BY_DEFAULT_ON_NATIVE_CPUS and device.type == "cpu" and system.fast_bf16(device)
+    return effective_dtype(device, torch.bfloat16 if bf16 else None)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
-    """Autocast to `dtype` (bfloat16/float16) on `device`; a no-op for None or float32."""
+    """Autocast to `effective_dtype(device, dtype)` (bfloat16/float16) on `device`; a no-op for None or float32."""
+    dtype = effective_dtype(device, dtype)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype not in (None, torch.float32))
 
 

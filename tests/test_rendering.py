@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from infd import rendering, store
+from infd import rendering, store, system
 from infd.errors import InfdError
 from infd.geometry import Box
 from infd.models.renderers import RENDERERS
@@ -145,13 +145,13 @@ def test_render_window_is_differentiable_in_z(make_tiny_model):
 
 def test_commands_render_in_float32_unless_asked_and_bf16_defaults_only_on_bf16_cpus(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(rendering, "native_bf16_cpu", lambda: True)
+    monkeypatch.setattr(system, "fast_bf16", lambda device: True)
     assert rendering.render_dtype(cpu) is None  # the shipped model fails the 0.05 dB bar in bf16
     assert rendering.render_dtype(cpu, bf16=True) == torch.bfloat16 and rendering.render_dtype(cpu, bf16=False) is None
     assert rendering.render_dtype(gpu) is None and rendering.render_dtype(gpu, bf16=True) == torch.bfloat16
     monkeypatch.setattr(rendering, "BF16_BY_DEFAULT_ON_NATIVE_CPUS", True)  # the switch, should a model pass the bar
     assert rendering.render_dtype(cpu) == torch.bfloat16 and rendering.render_dtype(gpu) is None
-    monkeypatch.setattr(rendering, "native_bf16_cpu", lambda: False)
+    monkeypatch.setattr(system, "fast_bf16", lambda device: False)
     assert rendering.render_dtype(cpu) is None
 
 

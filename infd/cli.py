@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from infd.commands import doctor, evaluate, invert, render, stable_diffusion, train, viewer
+from infd.commands import doctor, evaluate, invert, official, render, stable_diffusion, train, viewer
 
 app = typer.Typer(
     name="infd",
@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": viewer.serve,
     "invert": invert.invert_command,
     "convert-vae": stable_diffusion.convert_vae,
+    "convert-official": official.convert_official,
     "txt2img": stable_diffusion.txt2img,
     "doctor": doctor.doctor,
 }

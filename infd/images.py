@@ -398,6 +398,26 @@ def resize(image: torch.Tensor, size: Size, antialias: bool = True) -> torch.Ten
 
 
 
+def lanczos_resize(image: torch.Tensor, size: Size) -> torch.Tensor:
+    """PIL's Lanczos resize of (B, 3, H, W) in [0, 1] to (B, 3, h, w), as the paper's code prepares its inputs.
+
+    8-bit images (every value a multiple of 1/255) are resized as 8-bit RGB, exactly as PIL
+    resizes a decoded file (the result is rounded to 8 bits); others per channel in float.
+    """
+    h, w = check_size(size, "resize size")
+    out = torch.empty(image.shape[0], 3, h, w)
+    for i, one in enumerate(image.float().cpu()):
+        levels = one * 255
+        if torch.equal(levels, levels.round()):
+            pil = Image.fromarray(levels.round().to(torch.uint8).permute(1, 2, 0).numpy(), mode="RGB")
+            out[i] = pil_to_tensor(pil.resize((w, h), Image.Resampling.LANCZOS))
+            continue
+        for c in range(3):
+            channel = Image.fromarray(one[c].numpy(), mode="F").resize((w, h), Image.Resampling.LANCZOS)
+            out[i, c] = torch.from_numpy(np.array(channel))
+    return out.clamp(0, 1)
+
+
 def resize_window(image: torch.Tensor, size: Size, window: Window) -> torch.Tensor:
     """`window` of `resize(image, size)`, (3, H, W) -> (3, window.height, window.width),
     computing only those pixels. `image` is float in [0, 1] or uint8.

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from infd import geometry, system
 from infd.errors import InfdError
 from infd.geometry import Box, Size, Window
-from infd.images import load_image, pil_to_tensor, resize, to_uint8_hwc
+from infd.images import lanczos_resize, load_image, pil_to_tensor, resize, to_uint8_hwc
 from infd.models import NeuralFieldAutoencoder
 
 # Largest output returned as one tensor (B * H * W pixels, 12 bytes each): 8192² fits.
@@ -84,7 +84,8 @@ def encode(model: NeuralFieldAutoencoder, image, sample: bool = False, generator
     x = image_to_tensor(image, reduce_to=model.config.input_size)
     s = model.config.input_size
     param = next(model.parameters())
-    x = resize(x, (s, s)).to(param.device, param.dtype) * 2 - 1
+    resized = lanczos_resize(x, (s, s)) if getattr(model.config, "input_resampling", "antialias") == "lanczos" else resize(x, (s, s))
+    x = resized.to(param.device, param.dtype) * 2 - 1
     return model.encode(x, sample=sample, generator=generator)
 
 
@@ -179,10 +180,7 @@ def render_prepared(
     (that of `renderer`, default the model's own) is added here. Training and inversion
     call this directly; everything that only looks at pixels goes through `LatentField`.
     """
-    ys, xs = geometry.window_centers(box, size, window, halo=model.get_renderer(renderer).halo)
-    b = state.shape[0]
-    cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
-    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
+    return model.get_renderer(renderer).render_grid_window(state, box, geometry.check_size(size), window)
 
 
 class LatentField:
@@ -210,6 +208,19 @@ class LatentField:
         self.model, self.box, self.renderer, self.dtype = model, box or Box.full(), renderer, dtype
         self.device = next(model.parameters()).device
         self.batch = self.z.shape[0]
+        self.grid_states: dict[tuple, torch.Tensor] = {}
+
+    def grid_state(self, box: Box, size: Size) -> torch.Tensor:
+        """The state for windows of the grid `size` over `box`: `state` itself unless the renderer is grid-dependent
+        (then computed once per grid and kept, e.g. GroupNorm statistics of that whole render)."""
+        renderer = self.model.get_renderer(self.renderer)
+        if not renderer.grid_dependent:
+            return self.state
+        key = (tuple(size), box)
+        if key not in self.grid_states:
+            with torch.no_grad(), autocast(self.device, self.dtype):
+                self.grid_states[key] = renderer.grid_state(self.state, box, tuple(size))
+        return self.grid_states[key]
 
     @functools.cached_property
     def state(self) -> torch.Tensor:
@@ -232,10 +243,12 @@ class LatentField:
             raise InfdError(f"windows rendered together must all have one size, got {sorted(shapes)}.")
         if self.batch > 1 and len(requests) > 1:
             raise InfdError(f"windows of several grids are rendered together for one latent only, this field holds {self.batch}.")
+        if self.model.get_renderer(self.renderer).grid_dependent and len(requests) > 1:  # each grid has its own state
+            return torch.cat([self.render([request], box) for request in requests])
         if len(requests) == 1:
             (size, window), = requests
             with autocast(self.device, self.dtype):
-                return finished_tile(render_prepared(self.model, self.state, box, size, window, self.renderer))
+                return finished_tile(render_prepared(self.model, self.grid_state(box, size), box, size, window, self.renderer))
         centers = [geometry.window_centers(box, size, window, self.halo) for size, window in requests]
         ys = torch.stack([y for y, _ in centers])
         xs = torch.stack([x for _, x in centers])

@@ -71,6 +71,7 @@ def find_pipeline(path: str | Path) -> Path:
     if not path.exists():
         raise InfdError(f"checkpoint '{path}' does not exist; pass a run folder from `infd train-ldm`, one of its checkpoints or a pipeline folder.")
     if (path / PIPELINE_INDEX).is_file():
+        check_has_diffusion_model(path)
         return path
     steps = checkpoint_dirs(path, PIPELINE_INDEX)
     if steps:
@@ -78,6 +79,16 @@ def find_pipeline(path: str | Path) -> Path:
     if (path / MODEL_CONFIG).is_file() or checkpoint_dirs(path):
         raise InfdError(f"'{path}' is an autoencoder, not a latent diffusion model; pass a run from `infd train-ldm` or a pipeline folder.")
     raise InfdError(f"'{path}' holds no pipeline ({PIPELINE_INDEX} or checkpoints/step_*/{PIPELINE_INDEX}); pass a run from `infd train-ldm` or a pipeline folder.")
+
+
+def check_has_diffusion_model(folder: Path) -> None:
+    """Refuse, in one sentence, a pipeline folder that holds an autoencoder only (`infd convert-official` of an AE-stage file)."""
+    try:
+        index = json.loads((folder / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return  # the pipeline loader reports an unreadable index
+    if isinstance(index, dict) and "autoencoder" in index and "unet" not in index:
+        raise InfdError(f"'{folder}' holds an autoencoder only, no diffusion model; it reconstructs and renders (--ckpt), but sampling needs a pipeline with a UNet (convert a DM-stage checkpoint).")
 
 
 def load_autoencoder(path: str | Path, device: str | torch.device = "cpu", overrides: dict[str, Any] | None = None) -> NeuralFieldAutoencoder:

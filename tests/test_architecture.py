@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "infd"
 
 # Each stage, first to last; a module may import its own stage's modules and earlier stages'.
 STAGES = [
-    ("errors",),
+    ("errors", "system"),
     ("geometry", "files"),
     ("images",),
     ("data",),
@@ -26,7 +26,7 @@ STAGES = [
     ("evaluation",),
     ("viewer",),
     ("inversion",),
-    ("stable_diffusion",),
+    ("stable_diffusion", "official"),
     ("commands",),
     ("cli",),
 ]

@@ -73,8 +73,8 @@ def sample(
     n: int = typer.Option(4, "--n", help="Number of samples."),
     size: Optional[List[str]] = typer.Option(None, "--size", help=SIZE_HELP + " Repeat to render every sample at several sizes. Default: the encoder's input size."),
     sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
-    steps: int = typer.Option(50, help="Sampling steps."),
-    eta: float = typer.Option(0.0, help="DDIM stochasticity (0: deterministic)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the pipeline's own (50; 200 for the paper's converted models)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM stochasticity (0: deterministic). Default: the pipeline's own (0; 1 for the paper's converted models)."),
     seed: int = typer.Option(0, help="Sample i starts from the noise of seed + i: the same seed gives the same images (--batch-size changes only float rounding)."),
     batch_size: int = typer.Option(4, help="Samples denoised together."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
@@ -107,13 +107,15 @@ def sample(
     check_seed(seed, n)
     check_choice(sampler, SAMPLERS, "sampler")
     sizes, region = _render_options(size or [], box, renderer, upsample)
-    if steps <= 0:
+    if steps is not None and steps <= 0:
         raise InfdError(f"--steps must be at least 1, got {steps}.")
     folder = find_pipeline(ckpt)
     state = PartialState(cpu=device == "cpu")
     if state.num_processes > 1:
         device = state.device  # one device per process
     pipe = load_pipeline(folder, device).use_sampler(sampler)
+    steps = pipe.default_steps if steps is None else steps
+    eta = pipe.default_eta if eta is None else eta
     check_sampling(pipe.scheduler, steps, eta)
     pipe.autoencoder.get_renderer(renderer)
     sizes = sizes or [(pipe.autoencoder.config.input_size,) * 2]

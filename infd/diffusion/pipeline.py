@@ -41,6 +41,7 @@ from infd.rendering import DEFAULT_TILE, ArraySink, Sink, check_latent, pick_dev
 from infd.store import find_pipeline
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_STEPS = 50  # sampling steps of a pipeline that names none
 IMAGE_OUTPUT_TYPES = OUTPUT_TYPES[:3]  # what `render` returns
 UPSAMPLERS = ("bicubic", "lanczos")
 
@@ -180,10 +181,28 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
 
     model_cpu_offload_seq = "unet->autoencoder"
 
-    def __init__(self, autoencoder: NeuralFieldAutoencoder, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(
+        self,
+        autoencoder: NeuralFieldAutoencoder,
+        unet: UNet2DModel,
+        scheduler: SchedulerMixin,
+        sampling_steps: int | None = None,
+        sampling_eta: float | None = None,
+    ):
         super().__init__()
         check_compatible(autoencoder, unet)
         self.register_modules(autoencoder=autoencoder, unet=unet, scheduler=scheduler)
+        # The sampler's defaults, saved in model_index.json: a converted model keeps the sampler it was
+        # evaluated with (the paper's: DDIM, 200 steps, eta 1); None: DEFAULT_STEPS and eta 0.
+        self.register_to_config(sampling_steps=sampling_steps, sampling_eta=sampling_eta)
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.config.get("sampling_steps") or DEFAULT_STEPS)
+
+    @property
+    def default_eta(self) -> float:
+        return float(self.config.get("sampling_eta") or 0.0)
 
     @property
     def scaling_factor(self) -> float:
@@ -198,13 +217,18 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
     def sample_latents(
         self,
         num_images: int = 1,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         latents: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Sample z (num_images, C, h, w): the autoencoder's latents (unscaled), float32."""
+        """Sample z (num_images, C, h, w): the autoencoder's latents (unscaled), float32.
+
+        num_inference_steps and eta default to the pipeline's own (`default_steps`, `default_eta`).
+        """
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        eta = self.default_eta if eta is None else eta
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
             raise InfdError(f"num_images must be a positive whole number, got {num_images!r}.")
         if isinstance(generator, list) and len(generator) != num_images:
@@ -242,12 +266,12 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
         num_images: int = 1,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         box: Box | None = None,
         renderer: str | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         latents: torch.Tensor | None = None,
         upsample: str = "bicubic",
         tile: int | Size | None = DEFAULT_TILE,
@@ -264,6 +288,8 @@ class INFDPipeline(InfdPipelineMixin, DiffusionPipeline):
         """
         check_choice(output_type, OUTPUT_TYPES, "output type")
         size = self._size(height, width)
+        num_inference_steps = self.default_steps if num_inference_steps is None else num_inference_steps
+        eta = self.default_eta if eta is None else eta
         check_sampling(self.scheduler, num_inference_steps, eta)
         if output_type != "latent":
             check_upsample(renderer, upsample)

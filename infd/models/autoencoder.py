@@ -16,10 +16,13 @@ from diffusers.models.autoencoders.vae import Decoder, Encoder, VectorQuantizer
 from diffusers.models.modeling_utils import ModelMixin
 
 from infd.errors import InfdError, check_choice
+from infd.models.normalized_clif import NormalizedCLIFRenderer
 from infd.models.renderers import LOOKUPS, RENDERERS, FixedResolutionRenderer, Renderer, ResidualDetail, make_renderer
 from infd.models.trunks import PADDINGS, SRDecoder, SREncoder, set_padding
 
 LATENT_TYPES = ("kl", "vq")
+VQ_DISTANCES = ("cdist", "expanded")  # diffusers' search, or |z|² + |e|² - 2 z.e in float32 with the first index on ties (the paper's code)
+INPUT_RESAMPLINGS = ("antialias", "lanczos")  # how rendering.encode resizes an image to the encoder's input
 TRUNKS = ("vae", "sr")  # diffusers' VAE Encoder/Decoder (SD's blocks), or infd.models.trunks' normalisation-free SR trunk
 
 
@@ -54,7 +57,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
     may differ between a checkpoint and a run that starts from it (`train-ae --init`).
     """
 
-    WEIGHT_FREE_OPTIONS = ("encoder_padding", "decoder_padding", "detail_fade_cell", "scaling_factor", "shift_factor")
+    WEIGHT_FREE_OPTIONS = ("encoder_padding", "decoder_padding", "detail_fade_cell", "scaling_factor", "shift_factor", "renderer_statistics", "input_resampling")
 
     config_name = "config.json"
 
@@ -83,10 +86,17 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         trunk_type: str = "vae",
         encoder_padding: str = "zeros",
         decoder_padding: str = "zeros",
+        decoder_norm_out: bool = True,
+        vq_distance: str = "cdist",
+        renderer_norm_groups: int | None = None,
+        renderer_statistics: str = "latent",
+        input_resampling: str = "antialias",
     ):
         super().__init__()
         check_choice(trunk_type, TRUNKS, "trunk_type")
         check_choice(latent_type, LATENT_TYPES, "latent type")
+        check_choice(vq_distance, VQ_DISTANCES, "vq_distance")
+        check_choice(input_resampling, INPUT_RESAMPLINGS, "input_resampling")
         check_choice(renderer_type, RENDERERS, "renderer")
         depth = len(block_out_channels)
         if input_size % 2 ** (depth - 1):
@@ -106,14 +116,17 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         else:
             self.encoder = SREncoder(in_channels, moments, tuple(block_out_channels), layers_per_block)
         self.quant_conv = nn.Conv2d(moments, moments, 1)
-        self.quantizer = VectorQuantizer(vq_codebook_size, latent_channels, beta=0.25, legacy=False) if latent_type == "vq" else None
+        quantizer = FirstIndexQuantizer if vq_distance == "expanded" else VectorQuantizer
+        self.quantizer = quantizer(vq_codebook_size, latent_channels, beta=0.25, legacy=False) if latent_type == "vq" else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
         if trunk_type == "vae":
             self.decoder = Decoder(latent_channels, in_channels, up_block_types=("UpDecoderBlock2D",) * depth, **trunk)
             self.decoder.conv_out = nn.Identity()  # phi is the trunk's last feature map
+            if not decoder_norm_out:  # ... before the final GroupNorm and SiLU too (the paper's models)
+                self.decoder.conv_norm_out = self.decoder.conv_act = nn.Identity()
         else:
             self.decoder = SRDecoder(latent_channels, tuple(block_out_channels), layers_per_block)
-        if residual_renderer and (renderer_type == "fixed" or fixed_head):
+        if residual_renderer and (renderer_type in ("fixed", "clif_groupnorm") or fixed_head):
             raise InfdError("residual_renderer needs renderer_type 'clif' or 'liif' and no fixed_head (its RGB head already is the fixed renderer).")
         if latent_anchor and not (residual_renderer and latent_channels >= in_channels):
             raise InfdError(f"latent_anchor needs residual_renderer: true and latent_channels >= {in_channels} (the thumbnail's channels).")
@@ -121,7 +134,12 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         if not detail_fade_cell >= 0:
             raise InfdError(f"detail_fade_cell {detail_fade_cell} must be >= 0 (0: no fade).")
         features = block_out_channels[0] + (in_channels if latent_anchor else 0)  # anchored: + the upsampled thumbnail
-        self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup, residual_renderer, detail_fade_cell, latent_anchor)
+        if renderer_type == "clif_groupnorm":
+            self.renderer = NormalizedCLIFRenderer(
+                features, renderer_hidden, renderer_blocks, renderer_norm_groups or norm_num_groups, statistics=renderer_statistics, native_size=(input_size, input_size)
+            )
+        else:
+            self.renderer = make_renderer(renderer_type, features, renderer_hidden, renderer_blocks, renderer_lookup, residual_renderer, detail_fade_cell, latent_anchor)
         self.fixed_renderer = FixedResolutionRenderer(features) if fixed_head else None
         check_choice(encoder_padding, PADDINGS, "encoder_padding")
         check_choice(decoder_padding, PADDINGS, "decoder_padding")
@@ -258,3 +276,24 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
             ys0, xs0 = ys[:, halo : ys.shape[1] - halo], xs[:, halo : xs.shape[1] - halo]
             out["pred_fixed"] = self.fixed_renderer(self.fixed_renderer.prepare(phi), ys0, xs0, cell)
         return out
+
+
+class FirstIndexQuantizer(VectorQuantizer):
+    """diffusers' VectorQuantizer with the nearest-code search of the paper's code.
+
+    Distances are |z|² + |e|² - 2 z.e in float32 and the first index wins a tie, where
+    `torch.cdist` rounds differently: with 8192 codes, near-ties are common enough that the
+    two searches pick different codes for some latents of the released models.
+    """
+
+    def forward(self, z: torch.Tensor):
+        """z: (B, C, h, w) -> (z_q, loss, (None, None, indices)) like the parent."""
+        z = z.permute(0, 2, 3, 1).contiguous()
+        flat = z.view(-1, self.vq_embed_dim)
+        codes = self.embedding.weight
+        distance = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * torch.einsum("bd,dn->bn", flat, codes.t())
+        indices = torch.argmin(distance, dim=1)
+        z_q = self.embedding(indices).view(z.shape)
+        loss = self.beta * torch.mean((z_q.detach() - z) ** 2) + torch.mean((z_q - z.detach()) ** 2)
+        z_q = z + (z_q - z).detach()
+        return z_q.permute(0, 3, 1, 2).contiguous(), loss, (None, None, indices)

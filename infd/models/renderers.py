@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from infd import geometry
 from infd.errors import InfdError, check_choice
 
-RENDERERS = ("clif", "liif", "fixed")
+RENDERERS = ("clif", "liif", "fixed", "clif_groupnorm")  # clif_groupnorm: infd.models.normalized_clif (the paper's released models)
 
 
 LOOKUPS = ("nearest", "bilinear")
@@ -96,6 +96,97 @@ def query_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: to
     return layout.permute(0, 3, 1, 2)
 
 
+def axis_layout(centers: torch.Tensor, n_features: int, lookup: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    """One axis of `query_layout` as a matrix: centers (N,) -> (weights (N, n), channels (N, k)), float64.
+
+    The layout's feature at query (i, j) is sum over y, x of rows[i, y] * cols[j, x] * phi[:, y, x]
+    (nearest: a single 1 per query; bilinear: 1 - w and w at the centers around it); its
+    other channels along this axis are the offset from the nearest center (nearest, k = 1)
+    or its sin and cos (bilinear, k = 2).
+    """
+    index, offset = geometry.feature_lookup(centers, n_features)
+    weights = torch.zeros(centers.shape[0], n_features, dtype=torch.float64)
+    queries = torch.arange(centers.shape[0])
+    if lookup == "nearest":
+        weights[queries, index] = 1
+        return weights, offset[:, None]
+    lower, upper, upper_weight = geometry.feature_interpolation(centers, n_features)
+    weights[queries, lower] += 1 - upper_weight
+    weights[queries, upper] += upper_weight
+    angle = 2 * math.pi * offset
+    return weights, torch.stack([torch.sin(angle), torch.cos(angle)], dim=1)
+
+
+def first_conv(conv: nn.Conv2d, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, lookup: str = "nearest") -> torch.Tensor:
+    """`conv(query_layout(phi, ys, xs, cell, lookup))` for CLIF's first conv (3x3, unpadded): (B, O, H - 2, W - 2), channels_last.
+
+    The conv is linear and the layout separable (`axis_layout`): its feature part is phi
+    mixed once by each of the 9 taps' weights (on phi's grid, only the cells the window
+    reads), then interpolated along x and along y by two matrix products, plus terms of the
+    row alone, the column alone and the cell. Where query pixels are much finer than phi's
+    cells that is a fraction of the conv's work (a third at 2048² of the shipped model) and
+    no (H, W, C) layout is gathered; elsewhere (`separable_pays`) it is the conv. The same
+    sums in another order: equal to the conv up to float rounding (~1e-6 relative), and per
+    pixel, so a tile still equals the whole render.
+    """
+    b, c, h, w = phi.shape
+    if phi.device.type != "cpu":  # measured on CPUs only; a GPU runs the conv
+        return conv(query_layout(phi, ys, xs, cell, lookup))
+    axes = [(axis_layout(ys[i], h, lookup), axis_layout(xs[i], w, lookup)) for i in range(b)]
+    spans = [(read_span(rows), read_span(cols)) for (rows, _), (cols, _) in axes]
+    k = axes[0][0][1].shape[1]  # channels of one axis
+    if not all(separable_pays(conv, ys.shape[1], r1 - r0, c1 - c0, k) for (r0, r1), (c0, c1) in spans):
+        return conv(query_layout(phi, ys, xs, cell, lookup))
+    cell_f = cell_in_features(cell, (h, w))
+    out = []
+    for i, (((rows, row_channels), (cols, col_channels)), ((r0, r1), (c0, c1))) in enumerate(zip(axes, spans)):
+        out.append(_separable_first_conv(conv, phi[i, :, r0:r1, c0:c1], rows[:, r0:r1], cols[:, c0:c1], row_channels, col_channels, cell_f[i]))
+    return out[0] if b == 1 else torch.cat(out).contiguous(memory_format=torch.channels_last)
+
+
+def read_span(weights: torch.Tensor) -> tuple[int, int]:
+    """(first, last + 1): the features an `axis_layout` weight matrix (N, n) reads."""
+    read = weights.abs().sum(0).nonzero()[:, 0]
+    return int(read[0]), int(read[-1]) + 1
+
+
+def separable_pays(conv: nn.Conv2d, height: int, rows: int, cols: int, k: int) -> bool:
+    """Whether `first_conv` should take the separable form: at most half the conv's multiply-adds.
+
+    Per output column and channel, the conv takes 9 C' a row (C' its input channels) and
+    the separable form 3 (rows + k) a row, plus 9 rows cols once for the interpolation along
+    x. Its matrix products and their copies are slower per multiply-add than the conv: at
+    3/4 of the conv's multiply-adds (the shipped model at 1024², 512² tiles) it is no faster.
+    """
+    return 2 * (3 * (rows + k) * (height - 2) + 9 * rows * cols) <= 9 * conv.in_channels * (height - 2)
+
+
+def _separable_first_conv(conv: nn.Conv2d, phi: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, row_channels: torch.Tensor, col_channels: torch.Tensor, cell_f: torch.Tensor) -> torch.Tensor:
+    """`first_conv` of one image from its separable layout: phi (C, r, q), rows (H, r), cols (W, q),
+    row_channels (H, k), col_channels (W, k), cell_f (2,) -> (1, O, H - 2, W - 2) channels_last."""
+    c, r, q = phi.shape
+    (height, k), width = row_channels.shape, col_channels.shape[0]
+    weight = conv.weight  # (O, C + 2k + 2, 3, 3): features, row channels, column channels, cell
+    o = weight.shape[0]
+    rows, cols, row_channels, col_channels, cell_f = (t.to(phi.device, phi.dtype) for t in (rows, cols, row_channels, col_channels, cell_f))
+    # Each tap's weights applied to the features it reads: (dy, dx, o, y, x).
+    mixed = (weight[:, :c].permute(2, 3, 0, 1).reshape(9 * o, c) @ phi.reshape(c, r * q)).view(3, 3, o, r, q)
+    # Along x: column j reads its tap dx at query column j + dx. -> (dy, y, j, o)
+    taps_x = torch.cat([cols[dx : dx + width - 2] for dx in range(3)], dim=1)  # (W - 2, 3q)
+    along_x = (taps_x @ mixed.permute(1, 4, 0, 3, 2).reshape(3 * q, 3 * r * o)).view(width - 2, 3 * r, o).transpose(0, 1)
+    # The row channels' weights, summed over dx (they do not change along a row): (dy, k) rows of (W - 2, o).
+    row_terms = weight[:, c : c + k].sum(3).permute(2, 1, 0).reshape(3 * k, 1, o).expand(3 * k, width - 2, o)
+    # Along y, with the row channels as more rows: (H - 2, 3r + 3k) @ (3r + 3k, (W - 2) o).
+    taps_y = torch.cat([rows[dy : dy + height - 2] for dy in range(3)] + [row_channels[dy : dy + height - 2] for dy in range(3)], dim=1)
+    by_row = torch.cat([along_x, row_terms]).reshape(3 * r + 3 * k, (width - 2) * o)
+    # Column channels, the cell and the bias: the same for every row.
+    taps_cols = torch.cat([col_channels[dx : dx + width - 2] for dx in range(3)], dim=1)  # (W - 2, 3k)
+    col_terms = taps_cols @ weight[:, c + k : c + 2 * k].sum(2).permute(2, 1, 0).reshape(3 * k, o)
+    constant = conv.bias + weight[:, c + 2 * k :].sum((2, 3)) @ cell_f
+    out = torch.addmm((col_terms + constant).reshape(1, -1), taps_y, by_row)  # (H - 2, (W - 2) o)
+    return out.view(1, height - 2, width - 2, o).permute(0, 3, 1, 2)
+
+
 def detail_weight(cell: torch.Tensor, feature_size: tuple[int, int], fade_cell: float, octaves: float = 2.0) -> torch.Tensor:
     """How much of a residual renderer's detail to keep for query pixels of size `cell` (B, 2).
 
@@ -114,12 +205,30 @@ def detail_weight(cell: torch.Tensor, feature_size: tuple[int, int], fade_cell: 
 
 
 class Renderer(nn.Module):
-    """Base class: subclasses set `halo` and implement `forward`."""
+    """Base class: subclasses set `halo` and implement `forward`.
+
+    A renderer whose pixels depend on the grid they belong to, not only on the latent
+    (`grid_dependent`: GroupNorm statistics of the whole render, patch-wise renders), also
+    overrides `grid_state` (what a grid needs, computed once per grid) and
+    `render_grid_window`; rendering calls both for every renderer.
+    """
 
     halo: int = 0
+    grid_dependent: bool = False
 
     def prepare(self, phi: torch.Tensor) -> torch.Tensor:
         return phi
+
+    def grid_state(self, state: torch.Tensor, box: geometry.Box, size: tuple[int, int], tile: int = 512) -> torch.Tensor:
+        """The state for rendering windows of the grid `size` over `box` (the state itself unless grid_dependent)."""
+        return state
+
+    def render_grid_window(self, state: torch.Tensor, box: geometry.Box, size: tuple[int, int], window: geometry.Window | None = None) -> torch.Tensor:
+        """`window` (default: all) of the H x W grid over `box`: (B, 3, h, w), the halo added here."""
+        ys, xs = geometry.window_centers(box, size, window, halo=self.halo)
+        b = state.shape[0]
+        cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
+        return self(state, ys.expand(b, -1), xs.expand(b, -1), cell)
 
     def last_layer_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -158,7 +267,7 @@ class CLIFRenderer(Renderer):
         self.halo = 2 + 2 * num_blocks
 
     def forward(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
-        h = self.blocks(self.conv_in(query_layout(phi, ys, xs, cell, self.lookup)))
+        h = self.blocks(first_conv(self.conv_in, phi, ys, xs, cell, self.lookup))
         return self.conv_out(F.silu(h))
 
     def last_layer_weight(self) -> torch.Tensor:
@@ -345,7 +454,7 @@ def make_renderer(
     skip_rgb: bool = False,
 ) -> Renderer:
     """The renderer `kind` (one of RENDERERS); `residual`: its detail added to a fixed RGB head's bicubic (`ResidualDetail`)."""
-    check_choice(kind, RENDERERS, "renderer")
+    check_choice(kind, RENDERERS[:3], "renderer")  # clif_groupnorm is built by the autoencoder (it needs phi's size)
     if residual and kind == "fixed":
         raise InfdError("a residual renderer adds CLIF's or LIIF's detail to the fixed head; 'fixed' has none to add.")
     if residual and kind == "liif":

@@ -7,6 +7,7 @@ measurement; CUDA peak memory comes from the caching allocator's statistics.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -18,29 +19,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+
+from infd import system
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
-CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
 
 
 # ---------------------------------------------------------------- machine
-
-
-def _cpuinfo() -> tuple[str, list[str]]:
-    """CPU model name and the flags of interest, from /proc/cpuinfo (Linux) or platform."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine(), []
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return fields.get("model name", platform.machine()), [f for f in CPU_FLAGS_OF_INTEREST if f in flags]
 
 
 def _git(*args: str) -> str | None:
@@ -52,13 +42,18 @@ def _git(*args: str) -> str | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on: CPU, cores, threads, torch, GPU, date, commit."""
-    cpu_model, cpu_flags = _cpuinfo()
+    """What the numbers were measured on: CPU (model, vector instructions), cores, threads, torch, GPU, date, commit.
+
+    The CPU, its vector instructions, bfloat16 and the allocator come from `infd.system`,
+    as `infd doctor` reports them.
+    """
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": device.type,
-        "cpu": cpu_model,
-        "cpu_flags": cpu_flags,
+        "cpu": system.cpu_info().model,
+        "cpu_flags": system.vector_extensions(),
+        "bf16_fast": system.fast_bf16(device),
+        "allocator": system.tune_allocator(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -85,8 +80,9 @@ def machine_info(device: torch.device) -> dict:
 
 
 def describe_machine(info: dict) -> str:
-    """One line for the console."""
-    text = f"{info['cpu']} ({info['cpu_affinity'] or info['cpu_count']} cores, {info['torch_threads']} torch threads)"
+    """One line for the console (and the README): CPU, vector instructions, cores, threads, load, torch, commit."""
+    flags = " ".join(info.get("cpu_flags") or []) or "no AVX2"
+    text = f"{info['cpu']} ({flags}; {info['cpu_affinity'] or info['cpu_count']} cores, {info['torch_threads']} torch threads)"
     if info.get("gpu"):
         text = f"{info['gpu']} ({info['gpu_memory_gib']} GiB), " + text
     load = info.get("load_average")
@@ -131,6 +127,11 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far: pages the kernel mapped in on first touch (fresh memory)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -149,28 +150,46 @@ def cuda_peak_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device)
 
 
-def run_in_fresh_process(function: Callable, *args, preload: Sequence[str] = ("torch",)):
+def run_in_fresh_process(function: Callable, *args, preload: Sequence[str] = ("torch",), env: Mapping[str, str] | None = None):
     """`function(*args)` in a new process; returns its result, or {"error": "..."} if it dies.
 
     For CPU peak memory: ru_maxrss only ever grows, so each measurement needs a process
     of its own. The processes fork from a forkserver that has imported `preload` (but
     never run torch, so thread pools start clean): each starts in about a second instead
     of paying for the imports again. `function` must be defined at module level.
+    `env`: environment variables the process starts with (e.g. INFD_MALLOC_TUNING=0, read
+    when infd is imported); such a process is spawned, since the forkserver has imported
+    infd already.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    if env is None and "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))  # takes effect when the server starts
     else:
         context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with environment(env or {}), ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         try:
             return pool.submit(function, *args).result()
         except BrokenProcessPool:
             return {"error": "the measuring process died (out of memory?)"}
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]):
+    """Set environment variables (for the processes started meanwhile), then restore them."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 # ---------------------------------------------------------------- results

@@ -4,6 +4,7 @@
     python benchmarks/render.py --device cpu --sizes 512,1024 --variants fp32-plain,bf16
     python benchmarks/render.py --ckpt runs/ae           # a trained autoencoder
     python benchmarks/render.py --quick                  # smoke test in seconds
+    python benchmarks/render.py --allocator              # the shipped model, 1024² and 2048² fp32, allocator tuned vs not
 
 Each measurement is `infd.rendering.render(model, z, size, tile=..., dtype=...)` from a
 latent z: decode phi once, then render every tile. Tiles go to a sink that only counts
@@ -20,7 +21,13 @@ On CPU the throughput sweep runs at the real width; peak memory is a separate sw
 one fresh process per measurement, reading its peak RSS. On CUDA both come from the
 same runs at the real width (torch.cuda.max_memory_allocated).
 
-Results: a table, benchmarks/results/render-<device>.json and .png.
+`--allocator` (CPU): the shipped model (weights/demo-ae, or --ckpt) at 1024² and 2048² in
+float32, each size once with infd's allocator setting (`infd.system.tune_allocator`) and once
+with glibc's defaults (INFD_MALLOC_TUNING=0), each in a fresh process: seconds (median of
+--repeats), minor page faults per render and peak RSS.
+
+Results: a table, benchmarks/results/render-<device>.json and .png
+(render-cpu-allocator.* for --allocator).
 """
 
 from __future__ import annotations
@@ -34,12 +41,30 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MIB, BenchmarkRun, Column, Panel, Series, cuda_peak_bytes, current_rss_bytes, goal, median, peak_rss_bytes, plot_panels, reset_cuda_peak, run_in_fresh_process, time_runs
+from common import (
+    MIB,
+    REPO_ROOT,
+    BenchmarkRun,
+    Column,
+    Panel,
+    Series,
+    cuda_peak_bytes,
+    current_rss_bytes,
+    goal,
+    median,
+    minor_faults,
+    peak_rss_bytes,
+    plot_panels,
+    reset_cuda_peak,
+    run_in_fresh_process,
+    time_runs,
+)
 
+from infd import system
 from infd.geometry import Window, parse_size
 from infd.models import NeuralFieldAutoencoder
 from infd.models.renderers import CLIFRenderer, query_layout
-from infd.rendering import render
+from infd.rendering import effective_dtype, render
 from infd.store import load_autoencoder
 
 # The paper's autoencoder: 256² input -> z 3x64x64 -> phi 128x256x256 -> CLIF, width 256.
@@ -79,7 +104,8 @@ VARIANTS = {
         Variant("fp16", torch.float16, color="tab:green"),
     )
 }
-DEFAULT_VARIANTS = {"cpu": "fp32-plain,fp32,bf16", "cuda": "fp32,bf16,fp16"}
+# bf16 on a CPU without fast bfloat16 renders in float32 (rendering.effective_dtype): not worth a row.
+DEFAULT_VARIANTS = {"cpu": "fp32-plain,fp32" + (",bf16" if system.fast_bf16(torch.device("cpu")) else ""), "cuda": "fp32,bf16,fp16"}
 BASELINE = {"cpu": "fp32-plain", "cuda": "fp32"}
 
 
@@ -184,6 +210,8 @@ def measure_throughput(model, z, size, tile, variant, repeats, device) -> dict:
         base = reset_cuda_peak(device)
     seconds = time_runs(run, repeats, device)
     row.update(seconds=seconds, median_s=median(seconds), mpix_per_s=row["megapixels"] / median(seconds))
+    if effective_dtype(device, variant.dtype) != variant.dtype:
+        row["note"] = "rendered in float32: no fast bfloat16 here"
     if device.type == "cuda":
         peak = cuda_peak_bytes(device)
         row.update(peak_mib=peak / MIB, base_mib=base / MIB, increment_mib=(peak - base) / MIB)
@@ -276,10 +304,12 @@ COLUMNS = [
     Column("size", "size"),
     Column("variant", "variant"),
     Column("mode", "mode"),
+    Column("allocator", "allocator", justify="left"),
     Column("renderer_width", "width"),
     Column("median_s", "seconds", lambda v: f"{v:.3f}"),
     Column("mpix_per_s", "MP/s", lambda v: f"{v:.3f}"),
     Column("speedup", "speedup", lambda v: f"{v:.2f}x"),
+    Column("minor_faults", "faults/render", lambda v: f"{v:,.0f}"),
     Column("peak_mib", "peak MiB", lambda v: f"{v:.0f}"),
     Column("increment_mib", "+MiB", lambda v: f"{v:+.0f}"),
     Column("output_mib", "output MiB", lambda v: f"{v:.3g}"),
@@ -329,6 +359,103 @@ def plot(path: Path, machine: dict, throughput: list[dict], memory: list[dict], 
     plot_panels(path, [speed, peak], title)
 
 
+# ---------------------------------------------------------------- the allocator setting (CPU, the shipped model)
+
+SHIPPED_MODEL = REPO_ROOT / "weights" / "demo-ae"
+ALLOCATOR_SIZES = "1024,2048"
+BEFORE_2048_S = 7.3  # the shipped model's 2048² float32 render on the 2-core EPYC before the allocator setting
+GOAL_ALLOCATOR_SPEEDUP = 2.5  # issue 23: that render at least 2.5x faster
+ALLOCATOR_SETTINGS = {"tuned": {}, "glibc default": {system.MALLOC_TUNING_ENV: "0"}}
+
+
+def render_in_this_process(ckpt: str, size: tuple[int, int], tile: int, repeats: int, threads: int) -> dict:
+    """Runs in a fresh process (with or without INFD_MALLOC_TUNING=0 from its start): float32 renders of `size`.
+
+    Returns seconds per render, minor page faults per render, peak and base RSS (bytes)
+    and the allocator's state as `infd.system` saw it.
+    """
+    torch.set_num_threads(threads)
+    model = build_model({"ckpt": ckpt}, torch.device("cpu"))
+    z = random_latent(model)
+    variant = VARIANTS["fp32"]
+    render_once(model, z, (tile, tile), tile, variant)  # kernels; one tile's buffers
+    base, faults = current_rss_bytes(), minor_faults()
+    seconds = time_runs(functools.partial(render_once, model, z, size, tile, variant), repeats, torch.device("cpu"))
+    width = model.config.renderer_hidden
+    return {"seconds": seconds, "faults": (minor_faults() - faults) / repeats, "peak": peak_rss_bytes(), "base": base, "allocator": system.tune_allocator(), "width": width}
+
+
+def measure_allocator(ckpt: str, sizes, tile: int, repeats: int, console, on_row) -> list[dict]:
+    """One row per size x allocator setting, the settings back to back (each in its own fresh process)."""
+    rows = []
+    for size in sizes:
+        for setting, env in ALLOCATOR_SETTINGS.items():
+            row = dict(base_row(size, VARIANTS["fp32"], tile, None), allocator=setting)
+            result = run_in_fresh_process(render_in_this_process, ckpt, size, tile, repeats, torch.get_num_threads(), env=env)
+            if "error" in result:
+                row["note"] = result["error"]
+            else:
+                row.update(
+                    seconds=result["seconds"],
+                    median_s=median(result["seconds"]),
+                    mpix_per_s=row["megapixels"] / median(result["seconds"]),
+                    minor_faults=result["faults"],
+                    peak_mib=result["peak"] / MIB,
+                    increment_mib=(result["peak"] - result["base"]) / MIB,
+                    allocator_state=result["allocator"],
+                    renderer_width=result["width"],
+                )
+            rows.append(row)
+            console.print(format_progress(row) + f"  {setting}")
+            on_row(rows)
+    reference = {r["size"]: r["median_s"] for r in rows if r["allocator"] == "glibc default" and "median_s" in r}
+    for row in rows:
+        if row["size"] in reference and "median_s" in row:
+            row["speedup"] = reference[row["size"]] / row["median_s"]
+    return rows
+
+
+def allocator_goals(rows: list[dict]) -> list[dict]:
+    goals = []
+    for row in rows:
+        if row["size"] == "2048x2048" and row["allocator"] == "tuned" and "median_s" in row:
+            goals.append(goal(f"shipped model 2048² fp32 vs {BEFORE_2048_S} s before", BEFORE_2048_S / row["median_s"], GOAL_ALLOCATOR_SPEEDUP, "x"))
+    return goals
+
+
+def plot_allocator(path: Path, machine: dict, rows: list[dict], model_name: str) -> None:
+    colors = {"tuned": "tab:blue", "glibc default": "tab:gray"}
+
+    def series(key: str) -> list[Series]:
+        lines = []
+        for setting, color in colors.items():
+            points = sorted((r["megapixels"], r[key]) for r in rows if r["allocator"] == setting and key in r)
+            lines.append(Series(setting, [p[0] for p in points], [p[1] for p in points], dict(color=color)))
+        return lines
+
+    panels = [
+        Panel("Render time from z, float32", "output size", "seconds", series("median_s"), note=model_name, xticks=size_ticks(rows)),
+        Panel("Minor page faults per render", "output size", "faults", series("minor_faults"), xticks=size_ticks(rows)),
+        Panel("Peak RSS (fresh process)", "output size", "MiB", series("peak_mib"), logy=False, xticks=size_ticks(rows)),
+    ]
+    title = f"infd render: the allocator setting — {machine['cpu']} ({' '.join(machine['cpu_flags'])}), {machine['cpu_affinity'] or machine['cpu_count']} cores, torch {machine['torch']}, {machine['date'][:10]}"
+    plot_panels(path, panels, title)
+
+
+def main_allocator(args: argparse.Namespace) -> None:
+    """--allocator: the shipped model's float32 renders with and without infd's allocator setting."""
+    ckpt = str(args.ckpt or SHIPPED_MODEL)
+    run = BenchmarkRun("render", torch.device("cpu"), "allocator" + ("-quick" if args.quick else ""), args.out, "render benchmark: the allocator setting")
+    settings = dict(model={"ckpt": ckpt}, tile=args.tile, repeats=args.repeats, quick=args.quick, environments={k: v or "infd's (default)" for k, v in ALLOCATOR_SETTINGS.items()})
+    rows = measure_allocator(ckpt, args.sizes, args.tile, args.repeats, run.console, lambda rows: run.save(rows, settings=settings))
+    goals = allocator_goals(rows) if not args.quick else []
+    run.table(f"The allocator setting — {run.machine_name}, {Path(ckpt).name}, float32, {args.tile}² tiles", COLUMNS, rows)
+    run.goals(goals)
+    run.save(rows, settings=settings, goals=goals)
+    plot_allocator(run.png_path, run.machine, rows, f"{Path(ckpt).name}, {args.tile}² tiles, median of {args.repeats}")
+    run.done()
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -354,7 +481,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 with --quick)")
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="tiny model and sizes: a smoke test in seconds")
+    parser.add_argument("--allocator", action="store_true", help=f"CPU: the shipped model (or --ckpt) at {ALLOCATOR_SIZES} in float32, with infd's allocator setting and with glibc's defaults")
     args = parser.parse_args()
+    if args.allocator:  # the CPU's allocator, whatever --device says
+        args.device = "cpu"
+        args.sizes = parse_sizes(args.sizes or ("256,512" if args.quick else ALLOCATOR_SIZES))
+        args.repeats = args.repeats or (1 if args.quick else 3)
+        return args
     if args.quick:
         args.sizes, args.memory_sizes, args.tile, args.repeats = "64,128", "64,256", 64, 1
         args.width, args.memory_width = QUICK_MODEL["renderer_hidden"], 8
@@ -373,6 +506,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.allocator:
+        return main_allocator(args)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from infd import geometry, rendering
 from infd.evaluation import metrics
 from infd.geometry import Box
+from infd.models import renderers
 from infd.models.renderers import FixedResolutionRenderer, detail_weight
 
 ANCHORED = dict(residual_renderer=True, latent_anchor=True, renderer_lookup="bilinear", detail_fade_cell=0.5)
@@ -123,3 +124,21 @@ def test_sr_trunk_shapes_and_refusals(make_tiny_model):
 
     with pytest.raises(InfdError, match="trunk_type"):
         make_tiny_model("clif", trunk_type="unet")
+
+
+@pytest.mark.parametrize("lookup", ["nearest", "bilinear"])
+def test_clif_first_conv_on_phis_grid_equals_the_conv_of_the_layout(make_tiny_model, lookup, monkeypatch):
+    """Zoomed in, CLIF's first conv runs as matrix products on phi's grid (`renderers.first_conv`): the conv's pixels, seam-free."""
+    model = perturbed(make_tiny_model("clif", renderer_lookup=lookup))
+    field = rendering.LatentField(model, torch.randn(1, *model.latent_shape), box=Box(-0.3, -0.9, 0.1, 0.2))
+    size, window = (96, 160), geometry.Window(10, 20, 40, 48)
+    calls, separable = [], renderers._separable_first_conv
+    monkeypatch.setattr(renderers, "_separable_first_conv", lambda *args: calls.append(1) or separable(*args))
+    fast = [field.image(size, tile=tile) for tile in (None, 32, (40, 24))]
+    several = field.render([(size, window), ((120, 200), window)])  # two grids in one call
+    assert len(calls) > 0
+    monkeypatch.setattr(renderers, "separable_pays", lambda *args: False)  # the conv over the query layout
+    plain = field.image(size, tile=None)
+    for image in fast:
+        assert (image - plain).abs().max().item() <= 1e-5
+    assert (several - field.render([(size, window), ((120, 200), window)])).abs().max().item() <= 1e-5

@@ -24,7 +24,7 @@ def serve(
     tile_size: int = typer.Option(254, help="Deep Zoom tile size (tiles are rendered at tile size + 2 overlap)."),
     overlap: int = typer.Option(1, help="Deep Zoom tile overlap in pixels."),
     tile_format: str = typer.Option("png", "--tile-format", help="png (exact) or jpg (smaller)."),
-    steps: int = typer.Option(50, help="Sampling steps for new samples."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps for new samples. Default: the pipeline's own (50; 200 for the paper's converted models)."),
     sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
     batch: Optional[int] = typer.Option(None, help="Most tiles rendered in one renderer call; default 32 on a GPU, 1 (no batching, measured faster) on CPU."),
     queue: int = typer.Option(256, help="Most requests waiting; beyond it the server answers 503."),

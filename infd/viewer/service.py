@@ -466,7 +466,7 @@ def open_latents(
     image=None,
     seed: int | None = None,
     size: Size | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     sampler: str = "ddim",
     dtype: torch.dtype | None = None,
 ) -> tuple[NeuralFieldAutoencoder, LatentBook, str]:
@@ -498,13 +498,14 @@ def open_latents(
     if folder is not None:
         pipe = load_pipeline(folder, device)
         model = pipe.autoencoder
+        steps = pipe.default_steps if steps is None else steps  # the pipeline's own (200 for the paper's models)
         check_sampling(pipe.scheduler, steps, 0.0)
     else:
         pipe, model = None, load_autoencoder(find_checkpoint(ckpt), device)
         if z_file is None and image is None:
             raise InfdError(f"'{ckpt}' is an autoencoder without a diffusion model, so it cannot draw samples; pass --z FILE or --image FILE to view.")
     square = size or (DEFAULT_VIRTUAL_SIDE, DEFAULT_VIRTUAL_SIDE)
-    book = LatentBook(pipe, square, steps, sampler, str(ckpt), dtype)
+    book = LatentBook(pipe, square, steps or 50, sampler, str(ckpt), dtype)
     if z_file is not None:
         z, metadata = load_latent_for(model, z_file)
         if z.shape[0] != 1:

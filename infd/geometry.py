@@ -124,19 +124,59 @@ def check_size(size: Size, what: str = "size") -> Size:
     return h, w
 
 
-def parse_size(text: str) -> Size:
-    """Parse "WIDTHxHEIGHT" (or a single number for a square) into (height, width)."""
+def parse_size_request(text: str) -> Size | int:
+    """Parse "WIDTHxHEIGHT" into (height, width), or one number into that number: a long side (`fit_size`)."""
     parts = text.lower().replace(" ", "").split("x")
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
         numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) <= 0:
+        raise InfdError(f"size '{text}' must be WIDTHxHEIGHT in positive pixels, e.g. 2048x1536, or one number for the long side, e.g. 2048.")
     if len(numbers) == 1:
-        numbers = numbers * 2
-    if len(numbers) != 2 or min(numbers) <= 0:
-        raise InfdError(f"size '{text}' must be WIDTHxHEIGHT in positive pixels, e.g. 2048x1536 or 512.")
+        return numbers[0]
     width, height = numbers
     return height, width
+
+
+def fit_size(request: Size | int, aspect: float, box: Box | None = None) -> Size:
+    """The (height, width) a size request means for `box` (default: all) of content of `aspect` (width / height).
+
+    The one size rule of infd: WIDTHxHEIGHT is exact; one number is the long side, and the
+    short side follows the aspect of what is shown (rounded, at least 1 px), so nothing is
+    squashed. A box of the image has the aspect it has in the image's pixels.
+    """
+    if not isinstance(request, int):
+        return check_size(request)
+    if box is not None:
+        aspect = aspect * box.width / box.height
+    if not (math.isfinite(aspect) and aspect > 0):
+        raise InfdError(f"aspect ratio {aspect} must be a positive number (width / height).")
+    if aspect >= 1:
+        return max(1, round(request / aspect)), request
+    return request, max(1, round(request * aspect))
+
+
+def parse_size(text: str, aspect: float = 1.0) -> Size:
+    """Parse "WIDTHxHEIGHT" into (height, width), or one number as the long side at `aspect` (1: a square)."""
+    return fit_size(parse_size_request(text), aspect)
+
+
+ASPECT_KEY = "aspect"  # metadata of a saved latent: width / height of what it shows, when not its grid's
+
+
+def latent_aspect(metadata: dict[str, str], latent_size: Size) -> float:
+    """Width / height of a saved latent's image: its stored `ASPECT_KEY`, else its grid's (h, w) (square for infd's)."""
+    stored = metadata.get(ASPECT_KEY)
+    if stored is None:
+        return latent_size[1] / latent_size[0]
+    try:
+        aspect = float(stored)
+    except ValueError:
+        aspect = math.nan
+    if not (math.isfinite(aspect) and aspect > 0):
+        raise InfdError(f"the latent's stored aspect ratio '{stored}' is not a positive number; the file is damaged, so write it again.")
+    return aspect
 
 
 def cell_size(box: Box, size: Size) -> tuple[float, float]:

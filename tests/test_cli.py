@@ -44,10 +44,27 @@ def test_reconstruct_any_size_and_box(ckpt, picture, tmp_path):
     zoom = tmp_path / "zoom.png"
     result = invoke("reconstruct", picture, "--ckpt", ckpt, "--size", "32", "--box", "-0.5,-0.5,0,0", "--out", zoom)
     assert result.exit_code == 0, result.output
-    assert Image.open(zoom).size == (32, 32)
+    assert Image.open(zoom).size == (32, 21)  # one number is the long side of the box, at its shape in the 60x40 image
     default = tmp_path / "native.jpg"
     assert invoke("reconstruct", picture, "--ckpt", ckpt, "--out", default).exit_code == 0
     assert Image.open(default).size == (60, 40)
+
+
+def test_one_number_is_the_long_side_at_the_image_aspect(ckpt, tmp_path):
+    photo = tmp_path / "photo.jpg"
+    write_pattern_image(photo, 48, 64)  # 4:3
+    out = tmp_path / "wide.png"
+    result = invoke("reconstruct", photo, "--ckpt", ckpt, "--size", "2048", "--tile", "1024", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (2048, 1536)
+    portrait = tmp_path / "portrait.png"
+    write_pattern_image(portrait, 64, 48)
+    result = invoke("reconstruct", portrait, "--ckpt", ckpt, "--size", "40", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (30, 40)
+    result = invoke("reconstruct", photo, "--ckpt", ckpt, "--size", "20x20", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).size == (20, 20)  # WIDTHxHEIGHT stays exact
 
 
 def test_reconstruct_tile_size_does_not_change_the_output(ckpt, picture, tmp_path):

@@ -92,6 +92,32 @@ def test_several_sizes_of_the_same_samples_and_z_renders_back_exactly(pipe_folde
         assert Image.open(tmp_path / "fixed.png").size == (64, 48)
 
 
+def test_render_one_number_is_the_long_side_at_the_latents_aspect(pipe_folder, tmp_path):
+    from infd.geometry import ASPECT_KEY
+    from infd.latents import save_latent
+
+    square, wide, damaged = (tmp_path / f"{name}.z.safetensors" for name in ("square", "wide", "damaged"))
+    z = torch.randn(1, 3, 8, 8)
+    save_latent(square, z)
+    save_latent(wide, z, {ASPECT_KEY: 4 / 3})  # what an encoded 4:3 photo's z says about itself
+    save_latent(damaged, z, {ASPECT_KEY: "wide"})
+    for latent, options, expected in [
+        (square, ["--size", "24"], (24, 24)),
+        (wide, ["--size", "24"], (24, 18)),
+        (wide, [], (32, 24)),  # the encoder's input size on the long side
+        (wide, ["--size", "24", "--box=-1,-1,1,0"], (16, 24)),  # the left half of a 4:3 image is 2:3
+        (wide, ["--size", "24x24"], (24, 24)),
+        (wide, ["--size", "24", "--format", "png"], (24, 18)),  # streamed
+    ]:
+        out = tmp_path / "out.png"
+        result = invoke("render", latent, "--ckpt", pipe_folder, *options, "--out", out, "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert Image.open(out).size == expected, options
+    result = invoke("render", damaged, "--ckpt", pipe_folder, "--size", "24", "--out", tmp_path / "bad" / "out.png")
+    assert_failed_cleanly(result, tmp_path / "bad")
+    assert "aspect ratio" in result.output
+
+
 def test_same_seed_same_images_whatever_the_batch(pipe_folder, tmp_path):
     runs = []
     for name, batch in (("a", 2), ("b", 2), ("c", 1)):

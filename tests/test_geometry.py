@@ -109,6 +109,51 @@ def test_parse_size(text, expected):
     assert geometry.parse_size(text) == expected
 
 
+@pytest.mark.parametrize("text,expected", [("2048x1536", (1536, 2048)), ("2048", 2048), ("7", 7)])
+def test_parse_size_request_keeps_one_number_as_a_long_side(text, expected):
+    assert geometry.parse_size_request(text) == expected
+
+
+@given(side=st.integers(1, 100_000), width=st.integers(1, 5000), height=st.integers(1, 5000))
+def test_one_number_is_the_long_side_at_the_aspect(side, width, height):
+    h, w = geometry.fit_size(side, width / height)
+    assert max(h, w) == side and min(h, w) >= 1
+    long, short = max(width, height), min(width, height)
+    # The short side is the nearest whole number to the exact one (or 1 px).
+    assert abs(min(h, w) - max(1.0, side * short / long)) <= 0.5 + 1e-6
+    assert (w == side) if width >= height else (h == side)  # the long side is the content's long side
+    assert geometry.fit_size((height, width), 3.7) == (height, width)  # WIDTHxHEIGHT is exact, whatever the aspect
+
+
+@given(side=st.integers(1, 10_000), aspect=st.floats(0.05, 20), box=st.tuples(*[st.floats(-1, 1)] * 4))
+def test_a_box_has_its_shape_in_the_image(side, aspect, box):
+    y0, x0, y1, x1 = box
+    if y1 - y0 < 1e-3 or x1 - x0 < 1e-3:
+        return
+    h, w = geometry.fit_size(side, aspect, Box(y0, x0, y1, x1))
+    assert geometry.fit_size(side, aspect * (x1 - x0) / (y1 - y0)) == (h, w)
+    assert geometry.fit_size(side, aspect, Box.full()) == geometry.fit_size(side, aspect)
+
+
+def test_the_size_rule_examples():
+    assert geometry.parse_size("2048", 4 / 3) == (1536, 2048)
+    assert geometry.parse_size("2048", 3 / 4) == (2048, 1536)
+    assert geometry.parse_size("2048", 16 / 9) == (1152, 2048)
+    assert geometry.parse_size("512") == (512, 512)
+    assert geometry.fit_size(100, 1000.0) == (1, 100)  # never below one pixel
+    with pytest.raises(InfdError, match="positive"):
+        geometry.fit_size(100, float("nan"))
+
+
+def test_latent_aspect():
+    assert geometry.latent_aspect({}, (8, 8)) == 1.0
+    assert geometry.latent_aspect({}, (8, 16)) == 2.0
+    assert geometry.latent_aspect({geometry.ASPECT_KEY: "1.5"}, (8, 8)) == 1.5
+    for bad in ("wide", "0", "-1", "inf", "nan"):
+        with pytest.raises(InfdError, match="aspect ratio"):
+            geometry.latent_aspect({geometry.ASPECT_KEY: bad}, (8, 8))
+
+
 @pytest.mark.parametrize("text", ["0x10", "-5x5", "abc", "1x2x3", "", "12.5x3"])
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(InfdError):

@@ -21,7 +21,7 @@ from infd.errors import InfdError
 
 console = Console(stderr=True)
 
-SIZE_HELP = "Output size as WIDTHxHEIGHT (e.g. 2048x1536) or one number for a square."
+SIZE_HELP = "Output size as WIDTHxHEIGHT (exact, e.g. 2048x1536) or one number for the long side, the short side following the aspect of what is rendered (e.g. 2048: 2048x1536 for a 4:3 photo)."
 BOX_HELP = (
     "Region to render as y0,x0,y1,x1 (top-left to bottom-right) in image units: the image spans [-1, 1], "
     "and beyond it, up to ±8, the field extends its border; default: the whole image."

@@ -22,7 +22,7 @@ def reconstruct(
     image: Path = typer.Argument(..., help="Image to encode (jpg/png/webp/tiff; any size)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="Autoencoder: run folder, checkpoint folder or pipeline folder."),
     out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif)."),
-    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the input's size."),
+    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the input's long side (the input's own size for the whole image)."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -35,12 +35,12 @@ def reconstruct(
     from infd.files import check_output_path
 
     check_output_path(out)
-    out_size = geometry.parse_size(size) if size else None
+    request = geometry.parse_size_request(size) if size else None
     region = geometry.Box.parse(box) if box else None
     check_image_suffix(out)
-    out_size = out_size or images.image_size(image)
+    image_height, image_width = images.image_size(image)
+    [out_size] = _fit_output_sizes([request or max(image_height, image_width)], image_width / image_height, region)
     height, width = out_size
-    check_output_pixels(height, width)
     model = store.load_autoencoder(ckpt, rendering.pick_device(device))
     start = time.perf_counter()
     z = rendering.encode(model, image)  # decoded only as large as the encoder needs
@@ -52,18 +52,30 @@ def reconstruct(
 
 
 def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str], upsample: str):
-    """Parse and check the options `sample` and `render` share, before any work."""
+    """Parse and check the options `sample` and `render` share, before any work: (size requests, box)."""
     from infd import geometry
     from infd.diffusion.pipeline import check_upsample
     from infd.models.renderers import RENDERERS
 
-    parsed = [geometry.parse_size(text) for text in sizes]
-    for height, width in parsed:
-        check_output_pixels(height, width)
+    requests = [geometry.parse_size_request(text) for text in sizes]
     if renderer is not None:
         check_choice(renderer, RENDERERS, "renderer")
     check_upsample(renderer, upsample)
-    return parsed, geometry.Box.parse(box) if box else None
+    return requests, geometry.Box.parse(box) if box else None
+
+
+def _fit_output_sizes(requests: list, aspect: float, region, streamed: bool = False) -> list[tuple[int, int]]:
+    """The (height, width) of each --size request for `region` of content of `aspect`, refused when too large (in memory or `streamed`)."""
+    from infd import geometry
+    from infd.viewer.deepzoom import check_export_size
+
+    sizes = [geometry.fit_size(request, aspect, region) for request in requests]
+    for height, width in sizes:
+        if streamed:
+            check_export_size((height, width))
+        else:
+            check_output_pixels(height, width)
+    return sizes
 
 
 @reports_errors
@@ -106,7 +118,7 @@ def sample(
         raise InfdError(f"--n and --batch-size must be positive, got {n} and {batch_size}.")
     check_seed(seed, n)
     check_choice(sampler, SAMPLERS, "sampler")
-    sizes, region = _render_options(size or [], box, renderer, upsample)
+    requests, region = _render_options(size or [], box, renderer, upsample)
     if steps is not None and steps <= 0:
         raise InfdError(f"--steps must be at least 1, got {steps}.")
     folder = find_pipeline(ckpt)
@@ -118,7 +130,8 @@ def sample(
     eta = pipe.default_eta if eta is None else eta
     check_sampling(pipe.scheduler, steps, eta)
     pipe.autoencoder.get_renderer(renderer)
-    sizes = sizes or [(pipe.autoencoder.config.input_size,) * 2]
+    _, latent_height, latent_width = pipe.autoencoder.latent_shape
+    sizes = _fit_output_sizes(requests or [pipe.autoencoder.config.input_size], latent_width / latent_height, region)
     pipe.set_progress_bar_config(desc="sampling", disable=not (progress and state.is_main_process), leave=False)
     dtype = torch.bfloat16 if bf16 else None  # the UNet's precision
     render_dtype = rendering.render_dtype(next(pipe.autoencoder.parameters()).device, bf16)
@@ -153,7 +166,7 @@ def render_latent(
     z: Path = typer.Argument(..., help="A latent written by `infd sample` (sample_NNNN.z.safetensors)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="The LDM run or pipeline it was sampled from, or its autoencoder."),
     out: Path = typer.Option(..., "--out", help="Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp. An image file replaces one of its name; an existing Deep Zoom export needs --overwrite."),
-    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
+    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size on the long side. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
     box: Optional[str] = typer.Option(None, help=BOX_HELP),
     renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
@@ -170,7 +183,7 @@ def render_latent(
     from infd import geometry, images, rendering, store
     from infd.diffusion.pipeline import render_to_array
     from infd.files import check_output_path
-    from infd.latents import load_latent_for
+    from infd.latents import load_latent, load_latent_for
     from infd.rendering import LatentField
     from infd.viewer import deepzoom
 
@@ -185,13 +198,14 @@ def render_latent(
     check_output_path(out)
     if kind == "dzi":
         deepzoom.check_dzi_output(out, overwrite)
-    sizes, region = _render_options([size] if size and not streamed else [], box, renderer, upsample)
-    if streamed and size:
-        sizes = [deepzoom.check_export_size(geometry.parse_size(size))]
+    requests, region = _render_options([size] if size else [], box, renderer, upsample)
+    saved, metadata = load_latent(z)
+    aspect = geometry.latent_aspect(metadata, saved.shape[-2:])
+    sizes = _fit_output_sizes(requests, aspect, region, streamed)
     model = store.load_autoencoder(ckpt, rendering.pick_device(device))
     model.get_renderer(renderer)
     latent, _ = load_latent_for(model, z)
-    height, width = sizes[0] if sizes else (model.config.input_size,) * 2
+    height, width = sizes[0] if sizes else geometry.fit_size(model.config.input_size, aspect, region)
     dtype = rendering.render_dtype(next(model.parameters()).device, bf16)
     start = time.perf_counter()
     if streamed:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from infd.commands import doctor, evaluate, invert, official, render, stable_diffusion, train, viewer
+from infd.commands import doctor, evaluate, invert, official, render, stable_diffusion, train, video, viewer
 
 app = typer.Typer(
     name="infd",
@@ -30,6 +30,7 @@ COMMANDS = {
     "eval-ae": evaluate.eval_ae,
     "eval-gen": evaluate.eval_gen,
     "serve": viewer.serve,
+    "zoom-video": video.zoom_video,
     "invert": invert.invert_command,
     "convert-vae": stable_diffusion.convert_vae,
     "convert-official": official.convert_official,

@@ -102,15 +102,19 @@ def test_zoom_past_the_fade_renders_the_smooth_base(make_tiny_model):
 
 
 def test_bilinear_lookup_has_no_steps_at_cell_edges(make_tiny_model):
-    size, box = (64, 64), Box(-0.3, -0.3, 0.3, 0.3)  # ~6.7 px per cell of the 32² phi
-    ys, xs = geometry.window_centers(box, size)
-    edges = geometry.cell_edges(ys, 32), geometry.cell_edges(xs, 32)
-    figures = {}
+    """Continuity at a cell edge: queries moved across it by 2e-6 change the bilinear render by O(2e-6), the nearest one by a step.
+
+    (A blockiness ratio over random weights is not a property of the lookup: it passed with
+    one seed and failed with another.) The middle column of an 8-pixel grid sits on the edge
+    x = 0 between cells 15 and 16 of the 32² phi; the two boxes put it 1e-6 left and right of it.
+    """
+    jumps = {}
     for lookup in ("nearest", "bilinear"):
         model = perturbed(make_tiny_model("clif", renderer_lookup=lookup))
-        render = rendering.render(model, torch.randn(1, *model.latent_shape), size, box=box)
-        figures[lookup] = metrics.blockiness(render, *edges).item()
-    assert figures["bilinear"] < 1.2 < 1.4 < figures["nearest"], figures  # fixed seeds: deterministic
+        z = torch.randn(1, *model.latent_shape)
+        left, right = (rendering.render(model, z, (8, 8), box=Box(-0.04, -0.035 + shift, 0.04, 0.045 + shift), tile=None) for shift in (-1e-6, 1e-6))
+        jumps[lookup] = (left - right).abs().max().item()
+    assert jumps["bilinear"] < 1e-4 and jumps["nearest"] > 1e-3, jumps
 
 
 def test_sr_trunk_shapes_and_refusals(make_tiny_model):

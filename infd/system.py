@@ -144,7 +144,7 @@ def _apply_malloc_tuning() -> str:
 
 
 def _glibc_version() -> str | None:
-    """"2.36" under glibc, else None."""
+    """The glibc version ("2.36"), or None under another C library."""
     try:
         name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
     except (ValueError, OSError, AttributeError):

@@ -129,7 +129,7 @@ def first_conv(conv: nn.Conv2d, phi: torch.Tensor, ys: torch.Tensor, xs: torch.T
     sums in another order: equal to the conv up to float rounding (~1e-6 relative), and per
     pixel, so a tile still equals the whole render.
     """
-    b, c, h, w = phi.shape
+    b, _, h, w = phi.shape
     if phi.device.type != "cpu":  # measured on CPUs only; a GPU runs the conv
         return conv(query_layout(phi, ys, xs, cell, lookup))
     axes = [(axis_layout(ys[i], h, lookup), axis_layout(xs[i], w, lookup)) for i in range(b)]

@@ -70,7 +70,10 @@ def test_the_autoencoder_encodes_quantises_and_renders_as_the_reference(converte
     assert psnr(tiled, outputs["recon_256"].clamp(-1, 1)) >= 80
 
 
-@pytest.mark.parametrize("key, size, mode, patch", [("recon_100", 100, "whole", None), ("recon_384", 384, "whole", None), ("recon_patch_320", 320, "patch", 256), ("recon_patch_320_p64", 320, "patch", 64)])
+@pytest.mark.parametrize(
+    "key, size, mode, patch",
+    [("recon_100", 100, "scale", None), ("recon_100", 100, "whole", None), ("recon_384", 384, "whole", None), ("recon_patch_320", 320, "patch", 256), ("recon_patch_320_p64", 320, "patch", 64)],
+)
 def test_each_statistics_mode_reproduces_its_reference_render(converted, outputs, key, size, mode, patch):
     model = load_autoencoder(converted / "ae", overrides={"renderer_statistics": mode})
     if patch:
@@ -81,11 +84,16 @@ def test_each_statistics_mode_reproduces_its_reference_render(converted, outputs
 
 def test_the_default_mode_is_seam_free_at_any_size_and_aspect(converted, outputs):
     model = load_autoencoder(converted / "ae")
+    assert model.renderer.statistics == "scale"
     z = outputs["z"]
     for size, box in (((300, 520), None), ((96, 64), Box(-0.3, -0.9, 0.1, 0.2))):
         whole = rendering.render(model, z, size, box=box, tile=None)
         for tile in (37, (64, 100)):
             assert (rendering.render(model, z, size, box=box, tile=tile) - whole).abs().max() <= 1e-5
+    full = rendering.render(model, z, (640, 640), tile=None)  # a zoom is the crop of the whole image at its scale
+    zoom = rendering.render(model, z, (320, 320), box=Box(-0.5, -0.5, 0.5, 0.5), tile=96)
+    assert (zoom - full[..., 160:480, 160:480]).abs().max() <= 1e-5
+    assert psnr(full * 2 - 1, rendering.render(load_autoencoder(converted / "ae", overrides={"renderer_statistics": "whole"}), z, (640, 640)) * 2 - 1) >= 28
     patchwise = load_autoencoder(converted / "ae", overrides={"renderer_statistics": "patch"})
     patchwise.renderer.patch_size = 64
     a, b = rendering.render(patchwise, z, (160, 160), tile=None), rendering.render(model, z, (160, 160), tile=None)

@@ -89,7 +89,7 @@ class NeuralFieldAutoencoder(ModelMixin, ConfigMixin):
         decoder_norm_out: bool = True,
         vq_distance: str = "cdist",
         renderer_norm_groups: int | None = None,
-        renderer_statistics: str = "latent",
+        renderer_statistics: str = "scale",
         input_resampling: str = "antialias",
     ):
         super().__init__()

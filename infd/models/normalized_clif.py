@@ -9,11 +9,15 @@ GroupNorm normalises with statistics of whatever grid is rendered, so the refere
 output depends on the render's size and its tiled renders have seams. Here the statistics
 are a choice (`statistics`), and everything else is exact:
 
-- "latent" (the default): each norm's statistics are those of the render of the whole image
-  at phi's own resolution (256² for the paper's models), computed once per latent in
-  `prepare`. Every render is then a fixed function of the latent: a tile equals the same
-  pixels of the whole render at any size, and at phi's resolution the render is the
-  reference's one-piece render.
+- "scale" (the default): each norm's statistics are those of the whole image rendered at the
+  requested pixel size (`scale_grid`: every pixel up to 256², beyond that a fixed lattice of
+  windows), computed once per scale in `grid_state`. A tile equals the same pixels of the
+  whole render, a zoom equals the crop of the whole image at its scale, and up to 256² the
+  render is the reference's one-piece render. (The renderer reads the pixel size and the
+  norms remove the constant it adds, so statistics must come from the scale rendered.)
+- "latent": the statistics of the whole image at phi's own resolution (256² for the paper's
+  models), computed once per latent in `prepare`: one state for every scale, exact at 256²
+  only (elsewhere a colour shift).
 - "whole": the statistics of the requested grid itself, gathered in one pass per norm over
   its tiles before rendering (`grid_state`): the reference's one-piece render at any size,
   with memory still flat in the size.
@@ -44,7 +48,9 @@ from infd.errors import check_choice
 from infd.geometry import Box, Size, Window
 from infd.models.renderers import Renderer
 
-STATISTICS = ("latent", "whole", "patch")
+STATISTICS = ("scale", "latent", "whole", "patch")
+SCALE_BUDGET = 256 * 256  # "scale": whole images up to this many pixels exactly, larger ones from a lattice of windows
+SCALE_WINDOW = 64
 
 Masks = tuple[torch.Tensor, torch.Tensor]  # (B, H) rows and (B, W) columns inside the grid's border
 Statistics = torch.Tensor  # (B, norms, groups, 2): mean and biased variance of each group
@@ -202,7 +208,7 @@ class NormalizedCLIFRenderer(Renderer):
         num_blocks: int = 2,
         norm_groups: int = 32,
         eps: float = 1e-6,
-        statistics: str = "latent",
+        statistics: str = "scale",
         native_size: Size = (256, 256),
         patch_size: int = 256,
         patch_padding: int = 8,
@@ -210,6 +216,7 @@ class NormalizedCLIFRenderer(Renderer):
         super().__init__()
         check_choice(statistics, STATISTICS, "GroupNorm statistics")
         self.statistics = statistics
+        self.scale_budget = SCALE_BUDGET
         self.native_size = tuple(native_size)
         self.patch_size, self.patch_padding = patch_size, patch_padding
         self.conv_in = nn.Conv2d(feature_channels + 4, hidden_channels, 3)
@@ -294,7 +301,7 @@ class NormalizedCLIFRenderer(Renderer):
         return phi, flat.reshape(state.shape[0], *self.stats_shape)
 
     def prepare(self, phi: torch.Tensor) -> torch.Tensor:
-        """phi -> the state: phi and the "latent" statistics (NaN in the other modes, which set them per grid)."""
+        """phi -> the state: phi and the "latent" statistics (NaN in the other modes, which set them per grid in `grid_state`)."""
         if self.statistics != "latent":
             stats = phi.new_full((phi.shape[0], *self.stats_shape), float("nan"))
             return pack_statistics(phi, stats)
@@ -309,8 +316,10 @@ class NormalizedCLIFRenderer(Renderer):
         return torch.stack(used, dim=1)
 
     def forward(self, state: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor) -> torch.Tensor:
+        """Render with the state's statistics; a state without them (a grid-dependent mode whose `grid_state`
+        was not asked for, as in training) normalises each norm over the window itself, as the reference does."""
         phi, stats = self.unpack(state)
-        rgb, _ = self.run(phi, ys, xs, cell, domain_masks(ys, xs), stats)
+        rgb, _ = self.run(phi, ys, xs, cell, domain_masks(ys, xs), None if torch.isnan(stats).any() else stats)
         return rgb
 
     def last_layer_weight(self) -> torch.Tensor:
@@ -320,20 +329,27 @@ class NormalizedCLIFRenderer(Renderer):
 
     @property
     def grid_dependent(self) -> bool:
-        """Whether a window's pixels depend on the grid it belongs to (not just on the latent)."""
+        """Whether a window's pixels depend on the grid it belongs to (not just on the latent): on its pixel size in "scale"."""
         return self.statistics != "latent"
 
     def grid_state(self, state: torch.Tensor, box: Box, size: Size, tile: int = 512) -> torch.Tensor:
-        """"whole": the state with the statistics of the grid `size` over `box`, gathered tile by tile."""
-        if self.statistics != "whole":
-            return state
+        """The state with the statistics a grid is rendered with: "whole", those of the grid `size` over `box`;
+        "scale", those of the whole image at the grid's pixel size (`scale_grid`); other modes: the state itself."""
+        if self.statistics == "whole":
+            return self.gathered_statistics(state, box, size, geometry.tiles(size, geometry.check_tile(tile)))
+        if self.statistics == "scale":
+            return self.gathered_statistics(state, *scale_grid(geometry.cell_size(box, size), self.scale_budget))
+        return state
+
+    def gathered_statistics(self, state: torch.Tensor, box: Box, size: Size, windows: list[Window]) -> torch.Tensor:
+        """The state with each norm's statistics over `windows` of the grid `size` over `box`: one pass per norm, tile by tile."""
         phi, _ = self.unpack(state)
         b = phi.shape[0]
         cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
         stats = torch.full((b, *self.stats_shape), float("nan"), dtype=torch.float64)
         for k in range(len(self.norms)):  # norm k's statistics need the norms before it
             sums = GroupStatistics()
-            for window in geometry.tiles(size, geometry.check_tile(tile)):
+            for window in windows:
                 ys, xs = geometry.window_centers(box, size, window, halo=self.halo)
                 ys, xs = ys.expand(b, -1), xs.expand(b, -1)
                 x, _ = self.run(phi, ys, xs, cell, domain_masks(ys, xs), stats.to(phi.device), stop_at=k)
@@ -362,6 +378,28 @@ class NormalizedCLIFRenderer(Renderer):
                 :, :, top : top + inner.height, left : left + inner.width
             ]
         return out
+
+
+def scale_grid(cell: tuple[float, float], budget: int = SCALE_BUDGET) -> tuple[Box, Size, list[Window]]:
+    """The whole image at pixel size `cell`, and the windows of it whose statistics stand for it.
+
+    The grid has round(2 / cell) pixels a side and exactly that pixel size (its box is the
+    image, give or take part of a pixel). Up to `budget` pixels, every pixel counts (the
+    statistics are the reference's one-piece render's); beyond, a fixed, evenly spread
+    lattice of SCALE_WINDOW² windows with about `budget` pixels in all estimates them.
+    """
+    cy, cx = cell
+    h, w = max(1, round(2 / cy)), max(1, round(2 / cx))
+    box = Box(-h * cy / 2, -w * cx / 2, h * cy / 2, w * cx / 2)
+    if h * w <= budget:
+        return box, (h, w), geometry.tiles((h, w), 512)
+    side = SCALE_WINDOW
+    ny = max(1, min(h // side, round(math.sqrt(budget / side**2 * h / w))))
+    nx = max(1, min(w // side, math.ceil(budget / side**2 / ny)))
+    wh, ww = min(side, h), min(side, w)
+    tops = [round(i * (h - wh) / max(ny - 1, 1)) for i in range(ny)]
+    lefts = [round(j * (w - ww) / max(nx - 1, 1)) for j in range(nx)]
+    return box, (h, w), [Window(t, left, wh, ww) for t in tops for left in lefts]
 
 
 def reference_patches(size: Size, patch: int, padding: int) -> list[tuple[Window, Window]]:

@@ -76,7 +76,7 @@ def autoencoder_config(ckpt: ReferenceCheckpoint) -> dict:
         renderer_hidden=ckpt.renderer_hidden,
         renderer_blocks=2,
         renderer_norm_groups=32,
-        renderer_statistics="latent",
+        renderer_statistics="scale",
         decoder_norm_out=False,
         vq_distance="expanded",
         input_resampling="lanczos",

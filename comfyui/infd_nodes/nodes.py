@@ -25,7 +25,7 @@ from infd.diffusion import SAMPLERS, check_sampling, check_seed
 from infd.errors import InfdError, check_choice
 from infd.geometry import Box
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import LatentField, check_latent, encode, pick_device, render_dtype
+from infd.rendering import LatentField, check_latent, encode, render_dtype
 
 CATEGORY = "infd"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -44,15 +44,10 @@ class InfdModel:
 
 def load_model(path: str, device: str = "auto") -> InfdModel:
     """An infd pipeline folder or LDM run (sampling and rendering), else an autoencoder folder (rendering only)."""
-    from infd.diffusion.pipeline import load_pipeline
-    from infd.store import find_pipeline, load_autoencoder
+    from infd.commands.invert import load_generator  # what `infd invert --ckpt` loads: the same rule
 
-    try:
-        find_pipeline(path)
-    except InfdError:
-        return InfdModel(load_autoencoder(path, pick_device(device)), None, path)
-    pipe = load_pipeline(path, pick_device(device))
-    return InfdModel(pipe.autoencoder, pipe, path)
+    autoencoder, pipe = load_generator(path, device)
+    return InfdModel(autoencoder, pipe, path)
 
 
 def render_image(model: InfdModel, z: torch.Tensor, aspect: float, size: str, box: Box | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from infd.app.command import app_command
 from infd.commands import doctor, evaluate, invert, official, render, stable_diffusion, train, video, viewer
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ COMMANDS = {
     "eval-gen": evaluate.eval_gen,
     "serve": viewer.serve,
     "zoom-video": video.zoom_video,
+    "app": app_command,
     "invert": invert.invert_command,
     "convert-vae": stable_diffusion.convert_vae,
     "convert-official": official.convert_official,

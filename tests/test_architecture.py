@@ -28,6 +28,7 @@ STAGES = [
     ("inversion",),
     ("stable_diffusion", "official"),
     ("commands",),
+    ("app",),  # the web app reuses the commands' checks (loopback, CLIP, generators)
     ("cli",),
 ]
 STAGE_OF = {name: rank for rank, names in enumerate(STAGES) for name in names}

@@ -180,7 +180,13 @@ def render_prepared(
     (that of `renderer`, default the model's own) is added here. Training and inversion
     call this directly; everything that only looks at pixels goes through `LatentField`.
     """
-    return model.get_renderer(renderer).render_grid_window(state, box, geometry.check_size(size), window)
+    size = geometry.check_size(size)
+    if model.get_renderer(renderer).grid_dependent:  # its own way to render a window of a grid (e.g. patch-wise)
+        return model.get_renderer(renderer).render_grid_window(state, box, size, window)
+    ys, xs = geometry.window_centers(box, size, window, halo=model.get_renderer(renderer).halo)
+    b = state.shape[0]
+    cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
+    return model.render_window(state, ys.expand(b, -1), xs.expand(b, -1), cell, renderer)
 
 
 class LatentField:

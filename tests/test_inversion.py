@@ -93,9 +93,7 @@ def test_guided_sampling_lowers_both_super_resolution_losses_against_unguided_sa
     spec = InversionSpec(conditions, CANVAS, SolverConfig(solver="guided", steps=10, guidance_scale=1.0, recurrence=2))
     guided = invert(pipe.autoencoder, spec, pipeline=pipe).final_losses()
     unguided = unguided_losses(pipe, conditions, Critics(), steps=10)
-    # Every region at least as good as unguided (to 0.02: random critics can leave one flat, as seed 1 does
-    # by +0.005) and the layout as a whole clearly better (seeds 0-2: by 0.3 or more).
-    assert all(g < u + 0.02 for g, u in zip(guided, unguided)) and sum(guided) < sum(unguided) - 0.1, (guided, unguided)
+    assert all(g < u for g, u in zip(guided, unguided)), (guided, unguided)
 
 
 def test_optimisation_lowers_every_clip_loss_of_the_layout(pipe, critics):

@@ -102,11 +102,13 @@ def gpus() -> list[dict]:
 # Why: a render runs tile after tile, and each tile's buffers (a 512² tile of the shipped
 # model: the query layout and each conv's output, 35-45 MB apiece) are above glibc's
 # largest mmap threshold (32 MiB). So every tile maps fresh pages and page-faults them in
-# (about 590,000 minor faults per 1024² render), and unmaps them when it is done: half the
-# time of a 2048² float32 render on 2 cores. Served from the heap, and the heap not trimmed
-# between tiles, the next tile reuses the same pages; the peak memory stays the same, and
-# the process keeps up to MALLOC_TRIM_BYTES of freed memory for its next render. Larger
-# blocks (an 8192² output, 800 MB) are still mapped and returned when freed.
+# (about 590,000 minor faults per 1024² render), and unmaps them when it is done: more than
+# half the time of a 2048² float32 render on 2 cores (8.3 s -> 4.0 s with this setting, an
+# AVX2 EPYC). Served from the heap, and the heap not trimmed between tiles, the next tile
+# reuses the same pages; the peak RSS grows by about 5% (1.01 -> 1.05 GB for that render,
+# most of it torch itself), and the process keeps up to MALLOC_TRIM_BYTES of freed memory
+# for its next render. Larger blocks (an 8192² output, 800 MB) are still mapped and
+# returned when freed. `benchmarks/render.py --allocator` measures both.
 MALLOC_TUNING_ENV = "INFD_MALLOC_TUNING"  # "0" (or false, no, off) leaves the allocator as it is
 MALLOC_MMAP_THRESHOLD_BYTES = 256 * 2**20  # blocks below come from the heap (glibc: 128 KiB, growing to at most 32 MiB)
 MALLOC_TRIM_BYTES = 1024 * 2**20  # free memory above the heap's top returned to the OS beyond this (glibc: 128 KiB)

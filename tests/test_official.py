@@ -18,6 +18,7 @@ from infd import rendering
 from infd.cli import app
 from infd.errors import InfdError
 from infd.geometry import Box
+from infd.models import normalized_clif
 from infd.official import build_models, convert_official, read_reference_checkpoint, reference_checkpoint
 from infd.official.convert import IGNORED_PREFIXES
 from infd.store import load_autoencoder
@@ -80,6 +81,13 @@ def test_each_statistics_mode_reproduces_its_reference_render(converted, outputs
         model.renderer.patch_size = patch
     image = rendering.render(model, outputs["z"], (size, size), tile=(70, 90))
     assert psnr(image * 2 - 1, outputs[key].clamp(-1, 1)) >= 70
+
+
+def test_statistics_gathered_in_one_pass_equal_those_run_again_for_each_norm(converted, outputs, monkeypatch):
+    model = load_autoencoder(converted / "ae", overrides={"renderer_statistics": "whole"})
+    one_pass = rendering.render(model, outputs["z"], (384, 384), tile=(70, 90))  # every window paused at each norm
+    monkeypatch.setattr(normalized_clif, "KEEP_BYTES", 0)  # as for grids too large to keep: each norm's pass starts again
+    assert torch.equal(rendering.render(model, outputs["z"], (384, 384), tile=(70, 90)), one_pass)
 
 
 def test_the_default_mode_is_seam_free_at_any_size_and_aspect(converted, outputs):

@@ -38,6 +38,7 @@ so states batch, expand and tile like every renderer's.
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 
 import torch
 import torch.nn as nn
@@ -51,9 +52,11 @@ from infd.models.renderers import Renderer
 STATISTICS = ("scale", "latent", "whole", "patch")
 SCALE_BUDGET = 256 * 256  # "scale": whole images up to this many pixels exactly, larger ones from a lattice of windows
 SCALE_WINDOW = 64
+KEEP_BYTES = 512 * 2**20  # `gathered_statistics` keeps the windows' activations between norms up to this
 
 Masks = tuple[torch.Tensor, torch.Tensor]  # (B, H) rows and (B, W) columns inside the grid's border
 Statistics = torch.Tensor  # (B, norms, groups, 2): mean and biased variance of each group
+Network = Generator[torch.Tensor, torch.Tensor, torch.Tensor]  # `NormalizedCLIFRenderer.network`: norm inputs out, statistics in, RGB returned
 
 
 # ---------------------------------------------------------------- the query layout
@@ -165,20 +168,21 @@ class GroupStatistics:
         return torch.stack([mean, (self.squares / self.count - mean * mean).clamp(min=0)], dim=-1)
 
 
-def group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm`(x) with given statistics (B, G, 2), or with x's own (the reference's); returns (y, the statistics used)."""
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    if stats is None:
-        grouped = x.reshape(b, g, -1)
-        var, mean = torch.var_mean(grouped, dim=-1, unbiased=False)
-        stats = torch.stack([mean, var], dim=-1)
+def own_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """The statistics (B, G, 2) of x (B, C, h, w) itself: mean and biased variance of each group."""
+    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, unbiased=False)
+    return torch.stack([mean, var], dim=-1)
+
+
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: torch.Tensor) -> torch.Tensor:
+    """`norm`(x) with the statistics stats (B, G, 2) instead of x's own."""
+    c, g = x.shape[1], norm.num_groups
     # y = x * scale + shift per channel: one fused pass over x
     inv = torch.rsqrt(stats[..., 1].to(torch.float32) + norm.eps).repeat_interleave(c // g, dim=1)
     mean = stats[..., 0].to(torch.float32).repeat_interleave(c // g, dim=1)
     scale = inv * norm.weight.float()
     shift = norm.bias.float() - mean * scale
-    return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None]), stats
+    return torch.addcmul(shift.to(x.dtype)[:, :, None, None], x, scale.to(x.dtype)[:, :, None, None])
 
 
 # ---------------------------------------------------------------- the renderer
@@ -236,60 +240,51 @@ class NormalizedCLIFRenderer(Renderer):
 
     # ---- the network, on any grid with any statistics
 
-    def run(
-        self,
-        phi: torch.Tensor,
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        cell: torch.Tensor,
-        masks: Masks,
-        stats: Statistics | None = None,
-        stop_at: int | None = None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Render (B, 3, H, W) from centers ys (B, H + 2 halo), xs (B, W + 2 halo).
+    def network(self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, masks: Masks) -> Network:
+        """The net on a grid, paused at each norm: yields the norm's input over the grid (the halo
+        cropped), is sent the statistics (B, G, 2) to normalise with, returns (B, 3, H, W).
 
-        masks: where the convs see pixels (zeros elsewhere). stats: each norm's statistics
-        (B, N, G, 2), or None to take each norm's from its input over the grid without the
-        halo (the reference's one-piece render of exactly that grid). stop_at=k: return the
-        input of norm k (cropped to the grid) instead of the image, for gathering its
-        statistics over tiles. Also returns the statistics used.
+        Centers ys (B, H + 2 halo), xs (B, W + 2 halo); masks: where the convs see pixels
+        (zeros elsewhere). Pausing lets one pass gather a norm's statistics over many
+        windows before any window goes on (`gathered_statistics`).
         """
-        used: list[torch.Tensor] = []
         remaining = self.halo  # halo pixels still around the grid at the current layer
 
-        def norm_act(x: torch.Tensor, k: int) -> torch.Tensor | None:
-            nonlocal stop_value
-            if stop_at == k:
-                stop_value = crop(x, remaining)
-                return None
-            given = None if stats is None else stats[:, k]
-            source = crop(x, remaining) if given is None else x
-            if given is None:
-                _, given = group_norm(source, self.norms[k], None)
-            y, s = group_norm(x, self.norms[k], given)
-            used.append(s)
-            return F.silu(y, inplace=True)
+        def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+            nonlocal masks, remaining
+            y = layer(apply_masks(x, masks))
+            masks, remaining = crop_masks(masks, 1), remaining - 1
+            return y
 
-        stop_value = None
-        h = self.conv_in(apply_masks(reference_layout(phi, ys, xs, cell), masks))
-        masks, remaining = crop_masks(masks, 1), remaining - 1
-        k = 0
+        def normalised(x: torch.Tensor, norm: nn.GroupNorm, stats: torch.Tensor) -> torch.Tensor:
+            return F.silu(group_norm(x, norm, stats), inplace=True)
+
+        h = conv(self.conv_in, reference_layout(phi, ys, xs, cell))
+        norms = iter(self.norms)
         for block in self.blocks:
-            t = norm_act(h, k)
-            if t is None:
-                return stop_value, used
-            t = block.conv1(apply_masks(t, masks))
-            masks, remaining, k = crop_masks(masks, 1), remaining - 1, k + 1
-            t = norm_act(t, k)
-            if t is None:
-                return stop_value, used
-            t = block.conv2(apply_masks(t, masks))
-            masks, remaining, k = crop_masks(masks, 1), remaining - 1, k + 1
+            stats = yield crop(h, remaining)
+            t = conv(block.conv1, normalised(h, next(norms), stats))
+            stats = yield crop(t, remaining)
+            t = conv(block.conv2, normalised(t, next(norms), stats))
             h = crop(h, 2) + t
-        t = norm_act(h, k)
-        if t is None:
-            return stop_value, used
-        return self.conv_out(apply_masks(t, masks)), used
+        stats = yield crop(h, remaining)
+        return conv(self.conv_out, normalised(h, next(norms), stats))
+
+    def run(
+        self, phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell: torch.Tensor, masks: Masks, stats: Statistics | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`network` run through: each norm with stats (B, N, G, 2), or None for each norm's own
+        statistics over the grid (the reference's one-piece render of exactly that grid).
+        Returns the image (B, 3, H, W) and the statistics used."""
+        used: list[torch.Tensor] = []
+        net = self.network(phi, ys, xs, cell, masks)
+        x = next(net)
+        while True:
+            used.append(own_statistics(x, self.norms[len(used)].num_groups) if stats is None else stats[:, len(used)])
+            try:
+                x = net.send(used[-1])
+            except StopIteration as done:
+                return done.value, used
 
     # ---- the renderer interface
 
@@ -342,20 +337,39 @@ class NormalizedCLIFRenderer(Renderer):
         return state
 
     def gathered_statistics(self, state: torch.Tensor, box: Box, size: Size, windows: list[Window]) -> torch.Tensor:
-        """The state with each norm's statistics over `windows` of the grid `size` over `box`: one pass per norm, tile by tile."""
+        """The state with each norm's statistics over `windows` of the grid `size` over `box`, tile by tile.
+
+        Norm k's statistics need the norms before it. Where every window's activations fit
+        in KEEP_BYTES (the "scale" lattice, grids up to about 512²), each window's network
+        pauses at a norm until all windows have reached it: one pass of the net in all.
+        Otherwise each norm's pass runs the windows again from the start.
+        """
         phi, _ = self.unpack(state)
         b = phi.shape[0]
         cell = torch.tensor(geometry.cell_size(box, size), dtype=torch.float64).expand(b, 2)
-        stats = torch.full((b, *self.stats_shape), float("nan"), dtype=torch.float64)
-        for k in range(len(self.norms)):  # norm k's statistics need the norms before it
+        stats = torch.full((b, *self.stats_shape), float("nan"), dtype=torch.float64, device=phi.device)
+        pixels = sum((w.height + 2 * self.halo) * (w.width + 2 * self.halo) for w in windows)
+        keep = 2 * b * pixels * self.norm_out.num_channels * phi.element_size() <= KEEP_BYTES  # the block's input and its branch
+        paused: dict[int, Network] = {}
+        for k, norm in enumerate(self.norms):
             sums = GroupStatistics()
-            for window in windows:
-                ys, xs = geometry.window_centers(box, size, window, halo=self.halo)
-                ys, xs = ys.expand(b, -1), xs.expand(b, -1)
-                x, _ = self.run(phi, ys, xs, cell, domain_masks(ys, xs), stats.to(phi.device), stop_at=k)
-                sums.add(x, self.norms[k].num_groups)
+            for i, window in enumerate(windows):
+                if i in paused:
+                    net = paused.pop(i)
+                    x = net.send(stats[:, k - 1])
+                else:
+                    ys, xs = (t.expand(b, -1) for t in geometry.window_centers(box, size, window, halo=self.halo))
+                    net = self.network(phi, ys, xs, cell, domain_masks(ys, xs))
+                    x = next(net)
+                    for j in range(k):
+                        x = net.send(stats[:, j])
+                sums.add(x, norm.num_groups)
+                if keep and k + 1 < len(self.norms):
+                    paused[i] = net
+                else:
+                    net.close()
             stats[:, k] = sums.result()
-        return pack_statistics(phi, stats.to(phi.device))
+        return pack_statistics(phi, stats)
 
     def render_grid_window(self, state: torch.Tensor, box: Box, size: Size, window: Window) -> torch.Tensor:
         """`window` of the grid `size` over `box`, (B, 3, h, w): by patches in "patch" mode, else as any renderer."""

@@ -146,3 +146,13 @@ def test_clif_first_conv_on_phis_grid_equals_the_conv_of_the_layout(make_tiny_mo
     for image in fast:
         assert (image - plain).abs().max().item() <= 1e-5
     assert (several - field.render([(size, window), ((120, 200), window)])).abs().max().item() <= 1e-5
+
+
+def test_the_fixed_heads_bicubic_is_grid_samples_on_a_separable_grid():
+    rgb = torch.randn(2, 3, 9, 14)
+    ys, xs = torch.linspace(-1.3, 1.2, 41, dtype=torch.float64), torch.linspace(-1.1, 1.4, 23, dtype=torch.float64)
+    gy, gx = torch.meshgrid(ys.float(), xs.float(), indexing="ij")
+    expected = F.grid_sample(rgb, torch.stack([gx, gy], -1)[None].expand(2, -1, -1, -1), mode="bicubic", padding_mode="border", align_corners=False)
+    got = FixedResolutionRenderer.resample(rgb, ys, xs, torch.tensor([2 / 41, 2 / 23]))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max() <= 1e-5

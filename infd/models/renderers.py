@@ -187,6 +187,24 @@ def _separable_first_conv(conv: nn.Conv2d, phi: torch.Tensor, rows: torch.Tensor
     return out.view(1, height - 2, width - 2, o).permute(0, 3, 1, 2)
 
 
+def bicubic_matrix(centers: torch.Tensor, n: int, a: float = -0.75) -> torch.Tensor:
+    """Bicubic interpolation of n samples at the query centers (N,) in [-1, 1] units, as an (N, n) float64 matrix.
+
+    What `grid_sample(mode="bicubic", padding_mode="border", align_corners=False)` does along
+    one axis: the cubic convolution kernel (a = -0.75) over the 4 samples around each
+    query, taps beyond the border read the border sample.
+    """
+    position = ((centers.double() + 1) * n - 1) / 2
+    first = torch.floor(position)
+    t = (position - first)[:, None]
+    distance = torch.cat([t + 1, t, 1 - t, 2 - t], dim=1)  # to taps first - 1 .. first + 2
+    near = ((a + 2) * distance - (a + 3)) * distance * distance + 1
+    far = ((a * distance - 5 * a) * distance + 8 * a) * distance - 4 * a
+    weights = torch.where(distance <= 1, near, far)
+    taps = (first.long()[:, None] + torch.arange(-1, 3)).clamp(0, n - 1)
+    return torch.zeros(centers.shape[0], n, dtype=torch.float64).scatter_add_(1, taps, weights)
+
+
 def detail_weight(cell: torch.Tensor, feature_size: tuple[int, int], fade_cell: float, octaves: float = 2.0) -> torch.Tensor:
     """How much of a residual renderer's detail to keep for query pixels of size `cell` (B, 2).
 
@@ -376,9 +394,9 @@ class FixedResolutionRenderer(Renderer):
         target = (min(h, max(1, round(2 / float(cell[0])))), min(w, max(1, round(2 / float(cell[1])))))
         if target != (h, w):  # antialiased shrinking has float32/64 kernels only (no bfloat16 on the CPU)
             rgb = F.interpolate(rgb.float(), size=target, mode="bicubic", antialias=True, align_corners=False).to(rgb.dtype)
-        gy, gx = torch.meshgrid(ys.to(rgb.device, rgb.dtype), xs.to(rgb.device, rgb.dtype), indexing="ij")
-        grid = torch.stack([gx, gy], dim=-1)[None]  # grid_sample wants (x, y)
-        return F.grid_sample(rgb, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        # grid_sample(mode="bicubic", padding_mode="border") on a separable grid, as two matrix products
+        rows, cols = (bicubic_matrix(c, n).to(rgb.device, rgb.dtype) for c, n in ((ys, rgb.shape[-2]), (xs, rgb.shape[-1])))
+        return (rows @ rgb @ cols.T).contiguous()
 
     def last_layer_weight(self) -> torch.Tensor:
         return self.head.weight

@@ -5,8 +5,11 @@
     render            reconstruct, sample, render, info
     evaluate          eval-ae, eval-gen
     viewer            serve
+    video             zoom-video
     invert            invert
     stable_diffusion  convert-vae, txt2img
+    official          convert-official (the paper's released checkpoints)
+    doctor            doctor (what a bug report needs: versions, CPU, GPUs, weights)
 
 The modules import nothing from `infd.cli`, and heavy libraries only inside each command.
 """

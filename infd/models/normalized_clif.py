@@ -122,12 +122,21 @@ def crop_masks(masks: Masks, k: int) -> Masks:
 
 
 def apply_masks(x: torch.Tensor, masks: Masks) -> torch.Tensor:
-    """x (B, C, H, W) with everything outside the masks set to zero (the next conv's zero padding)."""
-    rows, cols = masks
+    """x (B, C, H, W), a temporary, with everything outside the masks set to zero (the next conv's zero padding).
+
+    Without autograd the rows and columns outside are zeroed in place (a border strip, not a
+    pass over the whole tile); a recorded graph gets a product instead.
+    """
+    rows, cols = (m.to(x.device) for m in masks)
     if rows.all() and cols.all():
         return x
-    keep = (rows[:, :, None] & cols[:, None, :]).to(x.device)
-    return x * keep[:, None].to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        keep = rows[:, :, None] & cols[:, None, :]
+        return x * keep[:, None].to(x.dtype)
+    for i in range(x.shape[0]):
+        x[i, :, ~rows[i]] = 0
+        x[i, :, :, ~cols[i]] = 0
+    return x
 
 
 # ---------------------------------------------------------------- statistics

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from infd import geometry
 from infd.errors import check_choice
 from infd.geometry import Box, Size, Window
-from infd.models.renderers import Renderer
+from infd.models.renderers import Renderer, gather_layout
 
 STATISTICS = ("scale", "latent", "whole", "patch")
 SCALE_BUDGET = 256 * 256  # "scale": whole images up to this many pixels exactly, larger ones from a lattice of windows
@@ -84,18 +84,11 @@ def reference_layout(phi: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, cell
     in [-1, 1] units. Offset and cell are in half feature cells (the reference's units:
     twice `renderers.query_layout`'s).
     """
-    b, c, h, w = phi.shape
+    h, w = phi.shape[-2:]
     iy, oy = (t.to(phi.device) for t in reference_lookup(ys, h))
     ix, ox = (t.to(phi.device) for t in reference_lookup(xs, w))
     cell_half = (cell.float() * torch.tensor([h, w], dtype=torch.float32)).to(phi.device)
-    layout = phi.new_empty(b, iy.shape[1], ix.shape[1], c + 4)
-    phi_hwc = phi.permute(0, 2, 3, 1)
-    for i in range(b):
-        layout[i, :, :, :c] = phi_hwc[i].index_select(0, iy[i]).index_select(1, ix[i])
-    layout[..., c] = oy.to(phi.dtype)[:, :, None]
-    layout[..., c + 1] = ox.to(phi.dtype)[:, None, :]
-    layout[..., c + 2 :] = cell_half.to(phi.dtype)[:, None, None, :]
-    return layout.permute(0, 3, 1, 2)
+    return gather_layout(phi, iy, oy, ix, ox, cell_half)
 
 
 def domain_masks(ys: torch.Tensor, xs: torch.Tensor) -> Masks:

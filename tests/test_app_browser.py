@@ -6,58 +6,35 @@ Needs /usr/bin/chromium (scripts/browser.sh installs it) and gradio; skipped, sa
 """
 
 import os
-import threading
-import time
 
 import pytest
+from browser import browser_page, require_chromium, serving
 from conftest import write_pattern_image
 
-CHROMIUM = os.environ.get("INFD_CHROMIUM", "/usr/bin/chromium")
 TIMEOUT_MS = 60_000
 
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"{CHROMIUM} is missing: run scripts/browser.sh (apt-get install chromium) for the browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require_chromium()
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e .)")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`infd app`'s server over a tiny pipeline and a tiny autoencoder, on a loopback port, in this process."""
-    import uvicorn
     from test_app import tiny_workspace
-    from test_viewer_browser import free_port
 
     from infd.app.server import create_server, running
     from infd.viewer.app import LOOPBACK_HOSTS
 
     space = tiny_workspace(tmp_path_factory.mktemp("models"))
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_server(space, LOOPBACK_HOSTS), host="127.0.0.1", port=port, log_level="warning"))
-    with running(space):
-        thread = threading.Thread(target=web.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not web.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}/"
-        web.should_exit = True
-        thread.join(timeout=10)
+    with running(space), serving(create_server(space, LOOPBACK_HOSTS), startup_s=30) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.errors = []
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(server)
+    with browser_page(server, (1280, 1000), TIMEOUT_MS) as page:
         page.wait_for_selector("#generate")
         yield page
-        browser.close()
 
 
 def image_size(page, selector: str) -> list[int]:

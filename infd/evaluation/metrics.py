@@ -31,7 +31,7 @@ from torch import nn
 
 from infd import geometry
 from infd.errors import InfdError, quote_error
-from infd.geometry import RIM_FRACTION, Size, border_band
+from infd.geometry import RIM_FRACTION, border_band
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5

@@ -127,20 +127,41 @@ def test_the_zoomed_region_is_honoured_while_the_low_resolution_whole_image_stil
 
 
 def test_solvers_render_only_the_condition_regions_never_the_canvas(pipe, monkeypatch):
-    import infd.inversion
+    from infd.inversion import solvers
 
     sizes = []
-    real = infd.inversion.render_prepared
+    real = solvers.render_prepared
 
     def spy(model, state, box, size, window=None, renderer=None):
         sizes.append(tuple(size))
         return real(model, state, box, size, window, renderer)
 
-    monkeypatch.setattr(infd.inversion, "render_prepared", spy)
+    monkeypatch.setattr(solvers, "render_prepared", spy)
     conditions = [ImageRegion(Box(0.5, 0.5, 0.5 + 2 * 24 / 8192, 0.5 + 2 * 24 / 8192), torch.rand(3, 24, 24))]
     for solver in ("optimize", "guided"):
         invert(pipe.autoencoder, InversionSpec(conditions, (8192, 8192), SolverConfig(solver=solver, steps=2)), pipeline=pipe)
     assert sizes and set(sizes) == {(24, 24)}
+
+
+@pytest.mark.parametrize("prediction_type, steps", [("epsilon", 10), ("v_prediction", 7)])
+def test_inversion_samples_with_the_same_ddim_as_infd_sample(make_tiny_pipeline, prediction_type, steps):
+    """One DDIM: the ddim prior and unguided guided sampling step through the pipeline's scheduler as `diffusion.sample` does."""
+    from diffusers import DDIMScheduler
+
+    from infd.diffusion import sample
+    from infd.inversion.solvers import ddim_clean_latent, ddim_stepper
+
+    pipe = make_tiny_pipeline(prediction_type=prediction_type)
+    shape = (1, *pipe.autoencoder.latent_shape)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = sample(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), shape, steps, latents=noise)
+        stepped = ddim_clean_latent(pipe.unet, ddim_stepper(pipe.scheduler.config, steps), noise, prediction_type)
+    assert (stepped - expected).abs().max() <= 1e-5 * expected.abs().max()
+    conditions = [ImageRegion(Box.full(), torch.rand(3, 16, 16))]
+    spec = InversionSpec(conditions, CANVAS, SolverConfig(solver="guided", steps=steps, seed=3, guidance_scale=0.0))
+    guided = invert(pipe.autoencoder, spec, pipeline=pipe).z
+    assert (pipe.autoencoder.to_diffusion(guided) - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_the_same_seed_gives_the_same_latent_and_another_seed_another(pipe):

@@ -368,7 +368,7 @@ def test_a_symlink_loop_is_reported_as_one(tmp_path):
 
 
 def test_resuming_drops_log_records_after_the_checkpoint(tmp_path):
-    from infd.training import drop_log_after
+    from infd.training.loop import drop_log_after
 
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 10, "l1": 1}\n{"step": 20, "l1": 0.5}\n{"step": 20, "stopped": "time_limit"}\n{"step": 30, "l1": 0.4}\n{"step": 4')

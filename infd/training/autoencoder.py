@@ -23,6 +23,7 @@ import torch
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
+import infd.training.losses as losses
 from infd import geometry
 from infd.data import DataConfig, MixedResolutionDataset, StepBatchSampler
 from infd.errors import InfdError
@@ -32,7 +33,8 @@ from infd.models import NeuralFieldAutoencoder
 from infd.models.discriminator import PatchDiscriminator
 from infd.rendering import encode, render_prepared, to_unit_rgb
 from infd.store import MODEL_WEIGHTS, load_autoencoder, load_optimizer_state, load_training_state
-from infd.training import StepTrainer, TrainConfig, check_common_options, check_keyword_options, check_option_types, losses, step_loader
+from infd.training.loop import StepTrainer, step_loader
+from infd.training.options import TrainConfig, check_common_options, check_keyword_options, check_option_types
 
 
 @dataclass

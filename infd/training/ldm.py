@@ -39,8 +39,9 @@ from infd.images import save_image
 from infd.latents import EncoderInputs, LatentCache, keep_items, latent_std, weights_fingerprint
 from infd.rendering import render
 from infd.store import MODEL_WEIGHTS, PIPELINE_INDEX, load_autoencoder, load_optimizer_state, load_training_state
-from infd.training import StepTrainer, TrainConfig, check_common_options, step_loader
 from infd.training.autoencoder import ema_weights
+from infd.training.loop import StepTrainer, step_loader
+from infd.training.options import TrainConfig, check_common_options
 
 log = logging.getLogger(__name__)
 

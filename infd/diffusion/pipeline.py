@@ -32,7 +32,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
 from infd import geometry
-from infd.diffusion import check_sampling, make_sampler, sample
+from infd.diffusion.sampling import sample
+from infd.diffusion.schedulers import check_sampling, make_sampler
 from infd.errors import InfdError, check_choice, quote_error
 from infd.files import atomic_path
 from infd.geometry import Box, Size

@@ -329,7 +329,7 @@ def measure_time(R, pair: Pair, sizes: list[int], repeats: int, device: torch.de
         for _ in range(repeats):
             for name, run in paths.items():
                 outputs[name] = None
-                seconds[name] += time_runs(lambda: outputs.__setitem__(name, run(size)), 1, device)
+                seconds[name] += time_runs(lambda name=name, run=run: outputs.__setitem__(name, run(size)), 1, device)  # noqa: B023 (size: called at once)
         row = {"section": "time", "size": size, "width": pair.width, "repeats": repeats}
         for name in paths:
             row[f"{name}_runs"] = seconds[name]
@@ -430,7 +430,7 @@ def measure_memory_cuda(R, pair: Pair, sizes: list[int], device: torch.device, c
         row = {"section": "memory", "size": size, "width": pair.width, "output_mib": 3 * 4 * size * size / MIB}
         for path, run in runs.items():
             base = reset_cuda_peak(device)
-            seconds = time_runs(lambda: run(size), 1, device)[0]
+            seconds = time_runs(functools.partial(run, size), 1, device)[0]
             peak = cuda_peak_bytes(device)
             row.update({f"{path}_peak_mib": peak / MIB, f"{path}_increment_mib": (peak - base) / MIB, f"{path}_s": seconds})
         rows.append(row)
@@ -460,7 +460,7 @@ def measure_modes(R, pair: Pair, sizes: list[int], device: torch.device, console
         images = {}
         for mode in MODES:
             with statistics_mode(pair.infd, mode):
-                (seconds,) = time_runs(lambda: images.__setitem__(mode, render_infd(pair.infd, pair.z, size)), 1, device)
+                (seconds,) = time_runs(functools.partial(lambda mode: images.__setitem__(mode, render_infd(pair.infd, pair.z, size)), mode), 1, device)  # noqa: B023 (called at once)
             row[f"{mode}_s"] = seconds
             row[f"seam_{mode}"] = seam_ratio(images[mode])
         row["psnr_whole_vs_latent"] = psnr(images["whole"], images["latent"])

@@ -438,7 +438,8 @@ def plot_allocator(path: Path, machine: dict, rows: list[dict], model_name: str)
         Panel("Minor page faults per render", "output size", "faults", series("minor_faults"), xticks=size_ticks(rows)),
         Panel("Peak RSS (fresh process)", "output size", "MiB", series("peak_mib"), logy=False, xticks=size_ticks(rows)),
     ]
-    title = f"infd render: the allocator setting — {machine['cpu']} ({' '.join(machine['cpu_flags'])}), {machine['cpu_affinity'] or machine['cpu_count']} cores, torch {machine['torch']}, {machine['date'][:10]}"
+    cores = machine["cpu_affinity"] or machine["cpu_count"]
+    title = f"infd render: the allocator setting — {machine['cpu']} ({' '.join(machine['cpu_flags'])}), {cores} cores, torch {machine['torch']}, {machine['date'][:10]}"
     plot_panels(path, panels, title)
 
 

@@ -51,7 +51,14 @@ from infd.training.ldm import LDMTrainConfig, build_unet
 
 PAPER_AE = dict(input_size=256, latent_channels=3, block_out_channels=(128, 256, 256), layers_per_block=2, renderer_hidden=256, renderer_blocks=2)
 QUICK_AE = dict(PAPER_AE, input_size=64, block_out_channels=(32, 32, 32), layers_per_block=1, renderer_hidden=16)
-QUICK_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+QUICK_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+)
 
 
 def demo_ae() -> dict:
@@ -290,7 +297,8 @@ def plot(path: Path, machine: dict, rows: list[dict], settings: dict) -> None:
         xs = sorted({r["megapixels"] for r in rows})
         times.append(Series(f"goal: {GOAL_RATIO}x fixed native", [xs[0], xs[-1]], [GOAL_RATIO * native["total_s"]] * 2, dict(color="red", linestyle=":", marker="")))
     render_only = [Series(f"{s.label} render", s.x, s.y, dict(s.style, linestyle="-.", alpha=0.6)) for s in lines([r for r in rows if r["method"] != "fixed"], "render_s")]
-    speed = Panel("One image from noise, end to end", "output megapixels", "seconds", times + render_only, note=f"{settings['steps']} DDIM steps, batch 1, {settings['dtype']}; dash-dot: rendering alone")
+    note = f"{settings['steps']} DDIM steps, batch 1, {settings['dtype']}; dash-dot: rendering alone"
+    speed = Panel("One image from noise, end to end", "output megapixels", "seconds", times + render_only, note=note)
     memory = Panel("Peak memory", "output megapixels", "MiB", lines(rows, "peak_mib"), note=settings["memory_note"])
     title = f"infd sample benchmark — {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {machine['date'][:10]}"
     plot_panels(path, [speed, memory], title)
@@ -361,7 +369,10 @@ def main() -> None:
         repeats=args.repeats,
         memory_note=memory_note,
     )
-    console.print(f"UNet {settings['unet_parameters'] / 1e6:.1f}M on z {'x'.join(map(str, ae.latent_shape))}, autoencoder {settings['autoencoder_parameters'] / 1e6:.1f}M, phi {'x'.join(map(str, ae.feature_shape))}")
+    console.print(
+        f"UNet {settings['unet_parameters'] / 1e6:.1f}M on z {'x'.join(map(str, ae.latent_shape))}, "
+        f"autoencoder {settings['autoencoder_parameters'] / 1e6:.1f}M, phi {'x'.join(map(str, ae.feature_shape))}"
+    )
 
     render_image(ae, decode(ae, torch.zeros(1, *ae.latent_shape, device=device), "infd", args.dtype), "infd", (64, 64), args.tile, args.dtype)  # load kernels
     sampling, z = measure_sampling(ae, unet, scaling_factor, args.steps, args.dtype, args.repeats, device)

@@ -135,7 +135,10 @@ def closed_loop(clients: int, request, seconds: float, max_tiles: int) -> tuple[
 
 def tile_row(mode: str, device: str, clients: int, batching: bool, latencies: list[float], wall: float, mean_batch=None) -> dict:
     ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
     return {
         "mode": mode,
         "device": device,
@@ -155,7 +158,10 @@ def measure_in_process(model, dtype, clients: int, batching: bool, args, device:
     zid = book.add(random_latent(model), "random", "-", VIRTUAL).zid
     service = TileService(model, book, max_batch=32 if batching else 1, max_queue=4096, cache_bytes=0, dtype=dtype)
     with service:
-        request = lambda tile: service.tile(zid, *tile).result()
+
+        def request(tile):
+            return service.tile(zid, *tile).result()
+
         closed_loop(clients, request, args.warmup, 4 * clients)  # cuDNN/allocator warm-up on these batch shapes
         before = service.stats.as_dict()
         latencies, wall = closed_loop(clients, request, args.seconds, args.max_tiles)
@@ -374,7 +380,10 @@ def plot(path: Path, machine: dict, tiles: list[dict], exports: list[dict], mode
         x = [r["megapixels"] for r in done]
         sizes = {r["megapixels"]: r["size"].split("x")[0] + "²" for r in done}
         panels.append(Panel("Export time (pyramidal BigTIFF)", "output size", "seconds", [Series("export", x, [r["seconds"] for r in done])], xticks=sizes))
-        memory = [Series("peak RSS", x, [r["peak_rss_mib"] for r in done]), Series("the image itself (not held)", x, [r["canvas_mib"] for r in done], dict(color="lightgray", linestyle=":", marker=""))]
+        memory = [
+            Series("peak RSS", x, [r["peak_rss_mib"] for r in done]),
+            Series("the image itself (not held)", x, [r["canvas_mib"] for r in done], dict(color="lightgray", linestyle=":", marker="")),
+        ]
         panels.append(Panel("Export peak memory", "output size", "MiB", memory, xticks=sizes))
     title = f"infd serve / export benchmark — {machine.get('gpu') or machine['cpu']}, torch {machine['torch']}, {machine['date'][:10]}"
     plot_panels(path, panels, title)

@@ -84,17 +84,17 @@ def import_reference(ref: Path):
         stub = types.ModuleType('tensorboardX')
         stub.SummaryWriter = None
         sys.modules['tensorboardX'] = stub
-    import models                         # noqa: F401 (registers everything)
-    import models.models
-    import models.infd
-    import models.vqgan.lpips
-    import models.vqgan.quantizer
-    import models.vqgan.discriminator
     import diffusion
     import diffusion.gaussian_diffusion
+    import gen_samples
+    import models  # noqa: F401 (registers everything)
+    import models.infd
+    import models.models
+    import models.vqgan.discriminator
+    import models.vqgan.lpips
+    import models.vqgan.quantizer
     import utils
     import utils.geometry
-    import gen_samples
     for mod in (models, diffusion, utils, gen_samples):
         assert Path(mod.__file__).resolve().is_relative_to(ref.resolve()), mod.__file__
     return types.SimpleNamespace(
@@ -519,54 +519,54 @@ def main():
 
     log('DM stage written')
     # ------------------------------------------------------------------ AE outputs
-    O = {}
+    ae_out = {}
     with torch.no_grad():
         model = ae_model
-        O['inp'] = inp
+        ae_out['inp'] = inp
         z = model.encode_z(inp)
-        O['z'] = z
+        ae_out['z'] = z
         z_q, idx, d, n_min = capture_quantizer(R, model, z)
-        O['z_q'] = z_q
-        O['indices'] = idx.reshape(1, 64, 64).to(torch.int64)
-        O['z_q_lookup'] = model.quantizer.embedding.weight[idx].reshape(1, 64, 64, 3).permute(0, 3, 1, 2).contiguous()
-        O['ties'] = torch.tensor((n_min > 1).sum().item(), dtype=torch.int64)
+        ae_out['z_q'] = z_q
+        ae_out['indices'] = idx.reshape(1, 64, 64).to(torch.int64)
+        ae_out['z_q_lookup'] = model.quantizer.embedding.weight[idx].reshape(1, 64, 64, 3).permute(0, 3, 1, 2).contiguous()
+        ae_out['ties'] = torch.tensor((n_min > 1).sum().item(), dtype=torch.int64)
         n_dup_picked = int(((idx >= TIE_SRC) & (idx < TIE_SRC + N_TIE_CODES)).sum())
-        assert int(O['ties']) > 0 and n_dup_picked > 0
+        assert int(ae_out['ties']) > 0 and n_dup_picked > 0
         assert not ((idx >= TIE_DST) & (idx < TIE_DST + N_TIE_CODES)).any()
 
         z_dec = model.decode_z(z)
-        O['z_dec_shape'] = torch.tensor(list(z_dec.shape), dtype=torch.int64)
+        ae_out['z_dec_shape'] = torch.tensor(list(z_dec.shape), dtype=torch.int64)
         for res in (256, 100, 384):
             coord, cell = R.geometry.make_coord_cell_grid((res, res), bs=1)
-            O[f'recon_{res}'] = model.run_renderer(z_dec, coord, cell)
-        O['recon_patch_320'] = R.gen_samples.render_output_patchwise(z, model, 320, patch_size=256, patch_padding=8)
-        O['recon_patch_320_p64'] = R.gen_samples.render_output_patchwise(z, model, 320, patch_size=64, patch_padding=8)
+            ae_out[f'recon_{res}'] = model.run_renderer(z_dec, coord, cell)
+        ae_out['recon_patch_320'] = R.gen_samples.render_output_patchwise(z, model, 320, patch_size=256, patch_padding=8)
+        ae_out['recon_patch_320_p64'] = R.gen_samples.render_output_patchwise(z, model, 320, patch_size=64, patch_padding=8)
 
     log('AE outputs done')
     # ------------------------------------------------------------------ UNet / sampler
     with torch.no_grad():
         model = dm_model
-        O['unet_x'] = torch.randn((2, 3, 64, 64), generator=torch.Generator().manual_seed(UNET_X_SEED))
-        O['unet_t'] = torch.tensor([999, 437], dtype=torch.int64)
-        O['unet_out'] = model.z_dm(O['unet_x'], O['unet_t'])
-        O['unet_out_ema'] = model.z_dm_ema(O['unet_x'], O['unet_t'])
+        ae_out['unet_x'] = torch.randn((2, 3, 64, 64), generator=torch.Generator().manual_seed(UNET_X_SEED))
+        ae_out['unet_t'] = torch.tensor([999, 437], dtype=torch.int64)
+        ae_out['unet_out'] = model.z_dm(ae_out['unet_x'], ae_out['unet_t'])
+        ae_out['unet_out_ema'] = model.z_dm_ema(ae_out['unet_x'], ae_out['unet_t'])
 
         dp, _, dps = R.diffusion.make_diffusion_train_components(copy.deepcopy(dm_spec['args']['z_dp']))
-        O['betas'] = torch.from_numpy(np.asarray(dp.betas, dtype=np.float64).copy())
+        ae_out['betas'] = torch.from_numpy(np.asarray(dp.betas, dtype=np.float64).copy())
         named = R.gd.get_named_beta_schedule('linear', 1000, 0.0015, 0.0195)
-        O['betas_schedule'] = torch.from_numpy(named.copy())
+        ae_out['betas_schedule'] = torch.from_numpy(named.copy())
         dps_m = model.z_dp_sampling
         assert dps_m.timestep_map == dps.timestep_map
         assert np.array_equal(dps_m.alphas_cumprod, dps.alphas_cumprod)
-        O['ddim_timesteps'] = torch.tensor(dps_m.timestep_map[::-1], dtype=torch.int64)
-        O['ddim_alphas_cumprod'] = torch.from_numpy(dps_m.alphas_cumprod[::-1].copy())
-        O['ddim_alphas_cumprod_prev'] = torch.from_numpy(dps_m.alphas_cumprod_prev[::-1].copy())
+        ae_out['ddim_timesteps'] = torch.tensor(dps_m.timestep_map[::-1], dtype=torch.int64)
+        ae_out['ddim_alphas_cumprod'] = torch.from_numpy(dps_m.alphas_cumprod[::-1].copy())
+        ae_out['ddim_alphas_cumprod_prev'] = torch.from_numpy(dps_m.alphas_cumprod_prev[::-1].copy())
 
         eta = model.z_ddim_eta
         assert eta == 1.0
         dm = model.z_dm_ema                   # gen_samples.py default: --ema true
         shape = (1, *model.z_shape)
-        O['sample_xT'] = torch.randn(shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+        ae_out['sample_xT'] = torch.randn(shape, generator=torch.Generator().manual_seed(SAMPLE_SEED))
 
         def seeded_noise():
             calls = []
@@ -584,8 +584,8 @@ def main():
         calls, patch = seeded_noise()
         with patch:
             gen_iter = dps_m.ddim_sample_loop_progressive(
-                dm, shape, noise=O['sample_xT'].clone(), model_kwargs={}, eta=eta, clip_denoised=False)
-            O['sample_step1'] = next(gen_iter)['sample']
+                dm, shape, noise=ae_out['sample_xT'].clone(), model_kwargs={}, eta=eta, clip_denoised=False)
+            ae_out['sample_step1'] = next(gen_iter)['sample']
             gen_iter.close()
         assert len(calls) == 1
 
@@ -593,27 +593,27 @@ def main():
         calls, patch = seeded_noise()
         with patch:
             # exactly gen_samples.py's call, with the initial noise given
-            sample_z = dps_m.ddim_sample_loop(dm, shape, noise=O['sample_xT'].clone(), model_kwargs={},
+            sample_z = dps_m.ddim_sample_loop(dm, shape, noise=ae_out['sample_xT'].clone(), model_kwargs={},
                                               eta=eta, clip_denoised=False)
         # The loop draws noise at all 200 steps; at the last one (t=0) it is multiplied by
         # nonzero_mask = 0 (and sigma = 0 there too, alphas_cumprod_prev = 1).
         assert len(calls) == 200, len(calls)
-        O['sample_z'] = sample_z
+        ae_out['sample_z'] = sample_z
         coord, cell = R.geometry.make_coord_cell_grid((256, 256), bs=1)
         z_dec = model.decode_z(sample_z)
-        O['sample_render_256'] = model.run_renderer(z_dec, coord, cell)
+        ae_out['sample_render_256'] = model.run_renderer(z_dec, coord, cell)
         _, s_idx, _, s_nmin = capture_quantizer(R, model, sample_z)
-        O['sample_indices'] = s_idx.reshape(1, 64, 64).to(torch.int64)
+        ae_out['sample_indices'] = s_idx.reshape(1, 64, 64).to(torch.int64)
 
     log('sampling done')
     tensors = {}
-    for k, v in O.items():
+    for k, v in ae_out.items():
         v = v.detach().contiguous()
         if v.is_floating_point() and v.dtype != torch.float64:
             v = v.to(torch.float32)
         tensors[k] = v
     meta = {'reference_commit': commit, 'torch': torch.__version__,
-            'ties': str(int(O['ties'])), 'tie_rows': f'{TIE_SRC}..{TIE_SRC + N_TIE_CODES - 1} == '
+            'ties': str(int(ae_out['ties'])), 'tie_rows': f'{TIE_SRC}..{TIE_SRC + N_TIE_CODES - 1} == '
             f'{TIE_DST}..{TIE_DST + N_TIE_CODES - 1}', 'step_noise': f'seed {STEP_NOISE_SEED} + step index',
             'sample_xT_seed': str(SAMPLE_SEED), 'unet_x_seed': str(UNET_X_SEED)}
     safetensors.torch.save_file(tensors, str(out / 'outputs.safetensors'), metadata=meta)

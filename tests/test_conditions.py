@@ -84,12 +84,12 @@ def test_region_only_gradients_equal_those_of_rendering_the_canvas_and_cropping(
     canvas = (64, 64)
     crops = [(0, 0, (16, 16)), (30, 8, (24, 16)), (40, 40, (24, 24))]
     targets = [torch.rand(3, *size, generator=torch.Generator().manual_seed(i)) for i, (_, _, size) in enumerate(crops)]
-    conditions = [ImageRegion(crop_box(canvas, t, l, size), target) for (t, l, size), target in zip(crops, targets)]
+    conditions = [ImageRegion(crop_box(canvas, top, left, size), target) for (top, left, size), target in zip(crops, targets)]
     z = random_latent(model).requires_grad_(True)
     regional = condition_losses(model, z, conditions, Critics(), canvas).sum()
     (grad_regional,) = torch.autograd.grad(regional, z)
     full = (render_prepared(model, model.prepare_render(z), Box.full(), canvas) + 1) / 2
-    naive = sum((full[..., t : t + s[0], l : l + s[1]] - target[None]).abs().mean() for (t, l, s), target in zip(crops, targets))
+    naive = sum((full[..., top : top + s[0], left : left + s[1]] - target[None]).abs().mean() for (top, left, s), target in zip(crops, targets))
     (grad_naive,) = torch.autograd.grad(naive, z)
     torch.testing.assert_close(regional.detach(), naive.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(grad_regional, grad_naive, atol=1e-7, rtol=1e-4)
@@ -160,7 +160,11 @@ def test_clip_loads_from_an_open_clip_folder(tmp_path):
     import safetensors.torch
     from open_clip.model import CLIP
 
-    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     folder = tmp_path / "open-clip"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config}))

@@ -28,7 +28,11 @@ def hostile_cases(tmp_path, ckpt):
         "training config not an object": (["train-ae", "--data", tmp_path, "--out", tmp_path / "run", "--config", tmp_path / "list.json"], tmp_path / "run", "JSON object"),
         "spec nested 100,000 deep": (["invert", "--ckpt", ckpt, "--spec", tmp_path / "deep.json", "--out", tmp_path / "inv"], tmp_path / "inv", "too deeply"),
         "seed of 2^64": (["invert", "--ckpt", ckpt, "--spec", tmp_path / "spec.json", "--seed", SEED_PAST_64_BITS, "--out", tmp_path / "inv"], tmp_path / "inv", "seed"),
-        "truncated --init checkpoint": (["train-ae", "--data", tmp_path / "data", "--out", tmp_path / "run", "--init", tmp_path / "truncated", "--steps", "1", "--num-workers", "0"], tmp_path / "run", "could not load the autoencoder"),
+        "truncated --init checkpoint": (
+            ["train-ae", "--data", tmp_path / "data", "--out", tmp_path / "run", "--init", tmp_path / "truncated", "--steps", "1", "--num-workers", "0"],
+            tmp_path / "run",
+            "could not load the autoencoder",
+        ),
         "scaling factor nan": (["convert-vae", "--vae", tmp_path / "none", "--scaling-factor", "nan", "--out", tmp_path / "vae"], tmp_path / "vae", "scaling factor"),
     }
 

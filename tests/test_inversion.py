@@ -55,9 +55,9 @@ def super_resolve_problem(model, seed=5):
     return [ImageRegion(Box.full(), whole), ImageRegion(ZOOM_BOX, detail)]
 
 
-def losses_of(model, z, conditions, critics=Critics()):
+def losses_of(model, z, conditions, critics=None):
     with torch.no_grad():
-        return condition_losses(model, z, conditions, critics, CANVAS).tolist()
+        return condition_losses(model, z, conditions, critics or Critics(), CANVAS).tolist()
 
 
 def unguided_losses(pipe, conditions, critics, steps, seed=0):

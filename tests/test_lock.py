@@ -2,9 +2,9 @@
 
 import importlib.metadata as md
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
@@ -62,7 +62,7 @@ def test_this_environment_is_the_locked_set():
     """The suite runs with exactly the locked versions (what a fresh clone installs)."""
     pins = read_lock("lock-test.txt")
     wrong = []
-    for name, (version, req) in pins.items():
+    for _name, (version, req) in pins.items():
         if not applies(req):
             continue
         try:
@@ -72,4 +72,5 @@ def test_this_environment_is_the_locked_set():
             continue
         if installed != version:
             wrong.append(f"{req.name} {installed} (lock: {version})")
-    assert not wrong, "installed packages differ from requirements/lock*.txt: " + ", ".join(wrong) + "; run bash scripts/test.sh (it reinstalls from the lock) or scripts/lock.sh after a deliberate upgrade"
+    advice = "run bash scripts/test.sh (it reinstalls from the lock) or scripts/lock.sh after a deliberate upgrade"
+    assert not wrong, "installed packages differ from requirements/lock*.txt: " + ", ".join(wrong) + "; " + advice

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -13,13 +12,20 @@ from infd.errors import InfdError
 
 @reports_errors
 def app_command(
-    model: Optional[List[Path]] = typer.Option(None, "--model", help="A pipeline folder or LDM run (generates), or an autoencoder (reconstructs; e.g. an `infd convert-vae` output). Repeat for a model picker. Default: the shipped weights/wallpapers."),
+    model: list[Path] | None = typer.Option(
+        None,
+        "--model",
+        help=(
+            "A pipeline folder or LDM run (generates), or an autoencoder (reconstructs; e.g. an `infd convert-vae` output). "
+            "Repeat for a model picker. Default: the shipped weights/wallpapers."
+        ),
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; the default serves this machine only."),
     port: int = typer.Option(7860, help="TCP port."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP for the Layout tab: transformers folder, open_clip folder or checkpoint file (nothing is downloaded)."),
-    clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture of a --clip checkpoint file, e.g. ViT-B-32."),
+    clip: Path | None = typer.Option(None, "--clip", help="Local CLIP for the Layout tab: transformers folder, open_clip folder or checkpoint file (nothing is downloaded)."),
+    clip_arch: str | None = typer.Option(None, "--clip-arch", help="open_clip architecture of a --clip checkpoint file, e.g. ViT-B-32."),
     device: str = typer.Option("auto", help="auto (CUDA if present, else CPU), cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="Render in bfloat16 where it is fast, or float32 (default)."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="Render in bfloat16 where it is fast, or float32 (default)."),
 ):
     """Serve a web app for infd: generate at any size, zoom up to 64x with real detail, zoom videos, reconstruct any image, layouts."""
     import uvicorn

@@ -140,7 +140,8 @@ def build_ui(space: Workspace, clip: str | None = None, clip_arch: str | None = 
                     reconstruct_button = gr.Button("Reconstruct", variant="primary", elem_id="reconstruct")
                     cancel_reconstruct = gr.Button("Cancel")
             with gr.Row():
-                reconstructions = [gr.Image(label=label, type="numpy", format="png", interactive=False, elem_id=f"reconstruction-{i}") for i, label in enumerate(("infd", "thumbnail floor", "input floor"))]
+                labels = ("infd", "thumbnail floor", "input floor")
+                reconstructions = [gr.Image(label=label, type="numpy", format="png", interactive=False, elem_id=f"reconstruction-{i}") for i, label in enumerate(labels)]
             scores = gr.Markdown(elem_id="psnr")
 
         with gr.Tab("Layout"):
@@ -195,7 +196,8 @@ def build_ui(space: Workspace, clip: str | None = None, clip_arch: str | None = 
             job = jobs.start(request, progress)
             rendered, cut, box = space.explore(current, tuple(point), magnification_value, side, job)
             h, w = rendered.shape[:2]
-            text = f"Region y0,x0,y1,x1 = {box.y0:.4f},{box.x0:.4f},{box.y1:.4f},{box.x1:.4f} ({magnification_value:g}x), {w}x{h}: `infd render --box={box.y0:.4f},{box.x0:.4f},{box.y1:.4f},{box.x1:.4f} --size {max(w, h)}`"
+            corners = f"{box.y0:.4f},{box.x0:.4f},{box.y1:.4f},{box.x1:.4f}"
+            text = f"Region y0,x0,y1,x1 = {corners} ({magnification_value:g}x), {w}x{h}: `infd render --box={corners} --size {max(w, h)}`"
             return rendered, cut, text
 
         @shows_errors

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -121,10 +120,10 @@ def report_lines(report: dict) -> list[str]:
 
 @reports_errors
 def doctor(
-    clip: Optional[Path] = typer.Option(None, "--clip", help="The CLIP you pass to `infd invert`: checked and reported."),
-    lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="The VGG16 weights you pass for LPIPS: checked and reported."),
-    inception: Optional[Path] = typer.Option(None, "--inception", help="The InceptionV3 weights you pass to `infd eval-gen`: checked and reported."),
-    sd: Optional[Path] = typer.Option(None, "--sd", help="The Stable Diffusion folder you pass to `infd txt2img`: checked and reported."),
+    clip: Path | None = typer.Option(None, "--clip", help="The CLIP you pass to `infd invert`: checked and reported."),
+    lpips_vgg: Path | None = typer.Option(None, "--lpips-vgg", help="The VGG16 weights you pass for LPIPS: checked and reported."),
+    inception: Path | None = typer.Option(None, "--inception", help="The InceptionV3 weights you pass to `infd eval-gen`: checked and reported."),
+    sd: Path | None = typer.Option(None, "--sd", help="The Stable Diffusion folder you pass to `infd txt2img`: checked and reported."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Print what a bug report needs: versions, OS, CPU and its vector instructions, GPUs, whether bfloat16 is fast, local weights."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -17,13 +16,13 @@ DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 def eval_ae(
     data: Path = typer.Option(..., "--data", help="Folder of ground-truth images at their native resolution."),
     out: Path = typer.Option(..., "--out", help="Output folder: eval-ae.json, eval-ae.md, eval-ae.png and strips/."),
-    ckpt: Optional[Path] = typer.Option(None, "--ckpt", help="One autoencoder: run folder, checkpoint folder or pipeline folder."),
-    renderer: Optional[str] = typer.Option(None, help="With --ckpt: clif, liif or fixed (the fixed-resolution head, bicubic); default: the model's own."),
-    model: Optional[List[str]] = typer.Option(None, "--model", help="LABEL=PATH[:renderer], repeat to compare several models on the same images (e.g. clif=runs/ae fixed=runs/ae:fixed liif=runs/liif)."),
+    ckpt: Path | None = typer.Option(None, "--ckpt", help="One autoencoder: run folder, checkpoint folder or pipeline folder."),
+    renderer: str | None = typer.Option(None, help="With --ckpt: clif, liif or fixed (the fixed-resolution head, bicubic); default: the model's own."),
+    model: list[str] | None = typer.Option(None, "--model", help="LABEL=PATH[:renderer], repeat to compare several models on the same images (e.g. clif=runs/ae fixed=runs/ae:fixed liif=runs/liif)."),
     scales: str = typer.Option("256,512,1024,2048", help="Output scales: the long side in pixels, rendered at the native aspect ratio; skipped for images smaller than the scale."),
     holdout: bool = typer.Option(False, help="Evaluate only infd.data.WALLPAPER_HOLDOUT, the held-out split of the wallpapers set."),
-    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N images (sorted by path)."),
-    lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="Local VGG16 weights (torchvision state dict, .pth/.safetensors) to add LPIPS."),
+    limit: int | None = typer.Option(None, help="Evaluate only the first N images (sorted by path)."),
+    lpips_vgg: Path | None = typer.Option(None, "--lpips-vgg", help="Local VGG16 weights (torchvision state dict, .pth/.safetensors) to add LPIPS."),
     strip_crop: int = typer.Option(256, help="Side of the crops in the comparison strips (taken where the ground truth has the most detail)."),
     tile: int = typer.Option(512, help="Render tile size in pixels (memory stays flat; results do not depend on it)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -58,15 +57,15 @@ def eval_ae(
 
 @reports_errors
 def eval_gen(
-    samples: List[str] = typer.Option(..., "--samples", help="Folder of generated images, or LABEL=DIR; repeat to compare several sets with the same real patches."),
+    samples: list[str] = typer.Option(..., "--samples", help="Folder of generated images, or LABEL=DIR; repeat to compare several sets with the same real patches."),
     real: Path = typer.Option(..., "--real", help="Folder of real images."),
     out: Path = typer.Option(..., "--out", help="Output folder: eval-gen.json, eval-gen.md, eval-gen.png."),
     patch: int = typer.Option(256, help="Patch side in pixels."),
     scales: str = typer.Option("256,512,1024", help="Scales: the short side each image is resized to before cropping (each at least --patch)."),
     patches_per_image: int = typer.Option(4, help="Random patches per image and scale (all positions when fewer exist)."),
-    inception: Optional[Path] = typer.Option(None, "--inception", help="torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth) to add FID; nothing is downloaded."),
+    inception: Path | None = typer.Option(None, "--inception", help="torch-fidelity's InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth) to add FID; nothing is downloaded."),
     seed: int = typer.Option(0, help="Seed of the patch positions."),
-    limit: Optional[int] = typer.Option(None, help="Use only the first N images of each folder."),
+    limit: int | None = typer.Option(None, help="Use only the first N images of each folder."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -61,19 +60,19 @@ def load_generator(ckpt: Path, device: str):
 def invert_command(
     ckpt: Path = typer.Option(..., "--ckpt", help="Pipeline folder or `infd train-ldm` run (both solvers), or an autoencoder alone (solver optimize with the norm prior)."),
     out: Path = typer.Option(..., "--out", help="New (or empty) output folder: image.png, z.safetensors, regions/, losses.json, losses.png."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="JSON spec: canvas, conditions, solver, steps, seed (see examples/)."),
-    text: Optional[List[str]] = typer.Option(None, "--text", help=TEXT_HELP),
-    size: Optional[str] = typer.Option(None, "--size", help="Canvas (final image) size WIDTHxHEIGHT; overrides the spec's. Default 1024x1024."),
-    solver: Optional[str] = typer.Option(None, help="optimize (Adam on the latent or its noise) or guided (guided DDIM sampling)."),
-    steps: Optional[int] = typer.Option(None, help="Adam steps (optimize) or denoising steps (guided)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the starting noise."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (optimize)."),
-    prior: Optional[str] = typer.Option(None, help="optimize: ddim (noise through a few DDIM steps; needs a pipeline), norm, or auto."),
-    guidance_scale: Optional[float] = typer.Option(None, help="guided: step size of the conditions' gradient on the predicted noise."),
-    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP for text conditions: transformers folder, open_clip folder or checkpoint file."),
-    clip_arch: Optional[str] = typer.Option(None, "--clip-arch", help="open_clip architecture of a --clip checkpoint file, e.g. ViT-B-32."),
-    lpips_vgg: Optional[Path] = typer.Option(None, "--lpips-vgg", help="Local VGG16 weights for image conditions with loss lpips."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Start z from this image's encoding (optimize with the norm prior)."),
+    spec: Path | None = typer.Option(None, "--spec", help="JSON spec: canvas, conditions, solver, steps, seed (see examples/)."),
+    text: list[str] | None = typer.Option(None, "--text", help=TEXT_HELP),
+    size: str | None = typer.Option(None, "--size", help="Canvas (final image) size WIDTHxHEIGHT; overrides the spec's. Default 1024x1024."),
+    solver: str | None = typer.Option(None, help="optimize (Adam on the latent or its noise) or guided (guided DDIM sampling)."),
+    steps: int | None = typer.Option(None, help="Adam steps (optimize) or denoising steps (guided)."),
+    seed: int | None = typer.Option(None, help="Seed of the starting noise."),
+    lr: float | None = typer.Option(None, help="Adam learning rate (optimize)."),
+    prior: str | None = typer.Option(None, help="optimize: ddim (noise through a few DDIM steps; needs a pipeline), norm, or auto."),
+    guidance_scale: float | None = typer.Option(None, help="guided: step size of the conditions' gradient on the predicted noise."),
+    clip: Path | None = typer.Option(None, "--clip", help="Local CLIP for text conditions: transformers folder, open_clip folder or checkpoint file."),
+    clip_arch: str | None = typer.Option(None, "--clip-arch", help="open_clip architecture of a --clip checkpoint file, e.g. ViT-B-32."),
+    lpips_vgg: Path | None = typer.Option(None, "--lpips-vgg", help="Local VGG16 weights for image conditions with loss lpips."),
+    init: Path | None = typer.Option(None, "--init", help="Start z from this image's encoding (optimize with the norm prior)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `infd invert` output at --out (never a folder holding anything else)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -121,7 +120,7 @@ def invert_command(
     report("wrote", f"{out} ({width}x{height}, {seconds:.1f} s); final losses: {finals}")
 
 
-def _build_spec(spec_path: Optional[Path], texts: list[str]):
+def _build_spec(spec_path: Path | None, texts: list[str]):
     from infd import inversion
 
     problem = inversion.load_spec(spec_path) if spec_path else inversion.InversionSpec([])

@@ -6,7 +6,6 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -22,11 +21,11 @@ def reconstruct(
     image: Path = typer.Argument(..., help="Image to encode (jpg/png/webp/tiff; any size)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="Autoencoder: run folder, checkpoint folder or pipeline folder."),
     out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif)."),
-    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the input's long side (the input's own size for the whole image)."),
-    box: Optional[str] = typer.Option(None, help=BOX_HELP),
+    size: str | None = typer.Option(None, help=SIZE_HELP + " Default: the input's long side (the input's own size for the whole image)."),
+    box: str | None = typer.Option(None, help=BOX_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
 ):
     """Encode IMAGE and render it back at any size, region and aspect ratio."""
     import numpy as np
@@ -51,7 +50,7 @@ def reconstruct(
     report("wrote", f"{out} ({width}x{height}, {time.perf_counter() - start:.1f} s)")
 
 
-def _render_options(sizes: list[str], box: Optional[str], renderer: Optional[str], upsample: str):
+def _render_options(sizes: list[str], box: str | None, renderer: str | None, upsample: str):
     """Parse and check the options `sample` and `render` share, before any work: (size requests, box)."""
     from infd import geometry
     from infd.diffusion.pipeline import check_upsample
@@ -83,18 +82,18 @@ def sample(
     ckpt: Path = typer.Option(..., "--ckpt", help="LDM: run folder from `infd train-ldm`, one of its checkpoints, or a pipeline folder."),
     out: Path = typer.Option(..., "--out", help="Output folder: sample_NNNN.png (one per --size) and sample_NNNN.z.safetensors."),
     n: int = typer.Option(4, "--n", help="Number of samples."),
-    size: Optional[List[str]] = typer.Option(None, "--size", help=SIZE_HELP + " Repeat to render every sample at several sizes. Default: the encoder's input size."),
+    size: list[str] | None = typer.Option(None, "--size", help=SIZE_HELP + " Repeat to render every sample at several sizes. Default: the encoder's input size."),
     sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps. Default: the pipeline's own (50; 200 for the paper's converted models)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM stochasticity (0: deterministic). Default: the pipeline's own (0; 1 for the paper's converted models)."),
+    steps: int | None = typer.Option(None, help="Sampling steps. Default: the pipeline's own (50; 200 for the paper's converted models)."),
+    eta: float | None = typer.Option(None, help="DDIM stochasticity (0: deterministic). Default: the pipeline's own (0; 1 for the paper's converted models)."),
     seed: int = typer.Option(0, help="Sample i starts from the noise of seed + i: the same seed gives the same images (--batch-size changes only float rounding)."),
     batch_size: int = typer.Option(4, help="Samples denoised together."),
-    box: Optional[str] = typer.Option(None, help=BOX_HELP),
-    renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
+    box: str | None = typer.Option(None, help=BOX_HELP),
+    renderer: str | None = typer.Option(None, help=RENDERER_HELP),
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: sample and render in bfloat16 (autocast); --fp32: both in float32. Default: sample and render in float32."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="--bf16: sample and render in bfloat16 (autocast); --fp32: both in float32. Default: sample and render in float32."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Sample images from a latent diffusion model at any sizes; each sample's z is saved to render again later.
@@ -165,16 +164,23 @@ def sample(
 def render_latent(
     z: Path = typer.Argument(..., help="A latent written by `infd sample` (sample_NNNN.z.safetensors)."),
     ckpt: Path = typer.Option(..., "--ckpt", help="The LDM run or pipeline it was sampled from, or its autoencoder."),
-    out: Path = typer.Option(..., "--out", help="Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp. An image file replaces one of its name; an existing Deep Zoom export needs --overwrite."),
-    size: Optional[str] = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size on the long side. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
-    box: Optional[str] = typer.Option(None, help=BOX_HELP),
-    renderer: Optional[str] = typer.Option(None, help=RENDERER_HELP),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        help=(
+            "Output: .tif (tiled pyramidal BigTIFF), .png (streamed), .dzi (Deep Zoom: NAME.dzi + NAME_files/), .jpg or .webp. "
+            "An image file replaces one of its name; an existing Deep Zoom export needs --overwrite."
+        ),
+    ),
+    size: str | None = typer.Option(None, help=SIZE_HELP + " Default: the encoder's input size on the long side. .tif, .png and .dzi stream tile by tile, so any size fits in memory."),
+    box: str | None = typer.Option(None, help=BOX_HELP),
+    renderer: str | None = typer.Option(None, help=RENDERER_HELP),
     upsample: str = typer.Option("bicubic", help=UPSAMPLE_HELP),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size); also the TIFF's tile size (a multiple of 16)."),
-    output_format: Optional[str] = typer.Option(None, "--format", help="tif, png or dzi; default: from the --out suffix."),
+    output_format: str | None = typer.Option(None, "--format", help="tif, png or dzi; default: from the --out suffix."),
     compression: str = typer.Option("deflate", help="TIFF compression: deflate or none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier Deep Zoom export at --out (never a folder holding anything else)."),
     progress: bool = typer.Option(True, help="Show a progress bar (with ETA)."),
 ):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,8 +15,8 @@ from infd.errors import InfdError, check_choice
 def convert_vae(
     vae: Path = typer.Option(..., "--vae", help="A local diffusers AutoencoderKL or VQModel folder (or an SD folder: its vae/), or a .safetensors VAE in the original SD layout."),
     out: Path = typer.Option(..., "--out", help="New checkpoint folder for the converted autoencoder (+ finetune.json)."),
-    input_size: Optional[int] = typer.Option(None, help="Encoder input size. Default: the VAE's sample_size (512 for SD 1.x: a 64x64 latent)."),
-    scaling_factor: Optional[float] = typer.Option(None, help="Latent scaling factor. Default: the VAE's own (0.18215 for single files)."),
+    input_size: int | None = typer.Option(None, help="Encoder input size. Default: the VAE's sample_size (512 for SD 1.x: a 64x64 latent)."),
+    scaling_factor: float | None = typer.Option(None, help="Latent scaling factor. Default: the VAE's own (0.18215 for single files)."),
     renderer_hidden: int = typer.Option(128, help="Width of the new CLIF renderer."),
     renderer_blocks: int = typer.Option(2, help="Residual blocks of the new CLIF renderer."),
     freeze_encoder: bool = typer.Option(True, "--freeze-encoder/--no-freeze-encoder", help="finetune.json keeps the encoder frozen, so the LDM's latent space stays valid."),
@@ -45,20 +44,20 @@ def convert_vae(
 def txt2img(
     prompt: str = typer.Option(..., "--prompt", help="What to draw."),
     sd: Path = typer.Option(..., "--sd", help="Local Stable Diffusion folder (diffusers layout: text_encoder/, tokenizer/, unet/, scheduler/), or a saved INFDStableDiffusionPipeline."),
-    ae: Optional[Path] = typer.Option(None, "--ae", help="The converted autoencoder (run, checkpoint or pipeline folder); optional when --sd is a saved INFDStableDiffusionPipeline."),
+    ae: Path | None = typer.Option(None, "--ae", help="The converted autoencoder (run, checkpoint or pipeline folder); optional when --sd is a saved INFDStableDiffusionPipeline."),
     out: Path = typer.Option(..., "--out", help="Output image (.png, .jpg, .webp or .tif); with --n > 1, OUT_0000.png ...; each image's z beside it (.z.safetensors)."),
     size: str = typer.Option("2048", help=SIZE_HELP),
-    box: Optional[str] = typer.Option(None, help=BOX_HELP),
+    box: str | None = typer.Option(None, help=BOX_HELP),
     negative_prompt: str = typer.Option("", help="What not to draw."),
     n: int = typer.Option(1, "--n", help="Number of images (image i uses seed + i)."),
     steps: int = typer.Option(50, help="Denoising steps."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale (1: none)."),
     seed: int = typer.Option(0, help="The same seed gives the same image."),
-    sampler: Optional[str] = typer.Option(None, help="ddim, dpm++ or ddpm. Default: the folder's own scheduler."),
-    renderer: Optional[str] = typer.Option(None, help="clif (default) or fixed: the original decoder's image, bicubic-upsampled (the baseline)."),
+    sampler: str | None = typer.Option(None, help="ddim, dpm++ or ddpm. Default: the folder's own scheduler."),
+    renderer: str | None = typer.Option(None, help="clif (default) or fixed: the original decoder's image, bicubic-upsampled (the baseline)."),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help="--bf16: denoise and render in bfloat16 (autocast); --fp32: both in float32. Default: both in float32."),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help="--bf16: denoise and render in bfloat16 (autocast); --fp32: both in float32. Default: both in float32."),
 ):
     """Text-to-image with Stable Diffusion, rendered at any size (2048², 4096², ...) by the converted autoencoder."""
     import torch

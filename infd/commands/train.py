@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,7 @@ from infd.errors import InfdError
 RUNTIME_OPTIONS = ("steps", "time_limit", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
 
 
-def _run_config(config_class, config: Optional[Path], out: Path, resume: bool):
+def _run_config(config_class, config: Path | None, out: Path, resume: bool):
     """The training config of a run: --config, or with --resume the run's own train_config.json.
 
     A --config given with --resume must describe the same training as the run's (only
@@ -44,18 +43,20 @@ def _override(config, **options) -> None:
 def train_ae(
     data: Path = typer.Option(..., "--data", help="Folder of training images (any sizes, aspect ratios and formats)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints/, samples/, log.jsonl, train_config.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON training config (see configs/); options below override it."),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config (see configs/); options below override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left off, with the run's own train_config.json."),
-    steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step per process."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the autoencoder."),
-    init: Optional[str] = typer.Option(None, help="Start from the weights of this checkpoint (e.g. from `infd convert-vae`)."),
-    lpips_vgg: Optional[str] = typer.Option(None, help="Local VGG16 weights (.pth/.safetensors) to train with LPIPS instead of focal frequency loss."),
-    num_workers: Optional[int] = typer.Option(None, help="Processes preparing training samples."),
+    steps: int | None = typer.Option(None, help="Total optimisation steps."),
+    batch_size: int | None = typer.Option(None, help="Images per step per process."),
+    lr: float | None = typer.Option(None, help="Learning rate of the autoencoder."),
+    init: str | None = typer.Option(None, help="Start from the weights of this checkpoint (e.g. from `infd convert-vae`)."),
+    lpips_vgg: str | None = typer.Option(None, help="Local VGG16 weights (.pth/.safetensors) to train with LPIPS instead of focal frequency loss."),
+    num_workers: int | None = typer.Option(None, help="Processes preparing training samples."),
     holdout: bool = typer.Option(False, help="Leave out infd.data.WALLPAPER_HOLDOUT, the evaluation split of the wallpapers set."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
-    freeze_encoder: Optional[bool] = typer.Option(None, "--freeze-encoder/--no-freeze-encoder", help="Keep the encoder (and so the latent space) fixed, e.g. when finetuning a converted SD VAE. Default: the config's."),
-    freeze_decoder: Optional[bool] = typer.Option(None, "--freeze-decoder/--no-freeze-decoder", help="Keep the decoder trunk fixed (train the renderer alone). Default: the config's."),
+    time_limit: float | None = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
+    freeze_encoder: bool | None = typer.Option(
+        None, "--freeze-encoder/--no-freeze-encoder", help="Keep the encoder (and so the latent space) fixed, e.g. when finetuning a converted SD VAE. Default: the config's."
+    ),
+    freeze_decoder: bool | None = typer.Option(None, "--freeze-decoder/--no-freeze-decoder", help="Keep the decoder trunk fixed (train the renderer alone). Default: the config's."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a neural-field autoencoder on mixed-resolution images (runs under `accelerate launch` too)."""
@@ -104,16 +105,16 @@ def encode_latents(
 @reports_errors
 def train_ldm(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints/ (pipeline folders), samples/, log.jsonl, train_config.json."),
-    ae: Optional[Path] = typer.Option(None, "--ae", help="Autoencoder run or checkpoint whose latents to learn (optional with --resume)."),
-    latents: Optional[Path] = typer.Option(None, "--latents", help="Latent cache from `infd encode-latents`."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Image folder to encode on the fly instead of --latents."),
-    config: Optional[Path] = typer.Option(None, "--config", help="JSON training config (see configs/ldm-*.json); options below override it."),
+    ae: Path | None = typer.Option(None, "--ae", help="Autoencoder run or checkpoint whose latents to learn (optional with --resume)."),
+    latents: Path | None = typer.Option(None, "--latents", help="Latent cache from `infd encode-latents`."),
+    data: Path | None = typer.Option(None, "--data", help="Image folder to encode on the fly instead of --latents."),
+    config: Path | None = typer.Option(None, "--config", help="JSON training config (see configs/ldm-*.json); options below override it."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint left off."),
-    steps: Optional[int] = typer.Option(None, help="Total optimisation steps."),
-    batch_size: Optional[int] = typer.Option(None, help="Latents per step per process."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate."),
+    steps: int | None = typer.Option(None, help="Total optimisation steps."),
+    batch_size: int | None = typer.Option(None, help="Latents per step per process."),
+    lr: float | None = typer.Option(None, help="Learning rate."),
     holdout: bool = typer.Option(False, help="With --data: leave out infd.data.WALLPAPER_HOLDOUT."),
-    time_limit: Optional[float] = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
+    time_limit: float | None = typer.Option(None, "--time-limit", help=TIME_LIMIT_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Train a latent diffusion model (diffusers UNet2DModel, DDPM) on the autoencoder's latents (runs under `accelerate launch` too)."""

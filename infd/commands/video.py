@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -17,14 +16,14 @@ def zoom_video(
     ckpt: Path = typer.Option(..., "--ckpt", help="Autoencoder: run, checkpoint or pipeline folder (for --z, the one the latent came from)."),
     out: Path = typer.Option(..., "--out", help="Output video: .mp4 (H.264), .gif or .webp (short clips); replaces a file of that name."),
     box: str = typer.Option(..., "--box", help="Where the zoom ends: y0,x0,y1,x1 inside the image [-1, 1] (e.g. --box=-0.1,0.2,0.05,0.4); it grows to the video's shape around its centre."),
-    z: Optional[Path] = typer.Option(None, "--z", help="Zoom into this latent (a .z.safetensors from `infd sample`)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Zoom into this image, encoded by the autoencoder."),
+    z: Path | None = typer.Option(None, "--z", help="Zoom into this latent (a .z.safetensors from `infd sample`)."),
+    image: Path | None = typer.Option(None, "--image", help="Zoom into this image, encoded by the autoencoder."),
     size: str = typer.Option("1024", help=SIZE_HELP + " Default: 1024 on the long side. MP4 sides are even (a derived short side is rounded down)."),
     frames: int = typer.Option(120, help="Frames, from the whole image to the box (both included)."),
     fps: float = typer.Option(30, help="Frames per second."),
     tile: int = typer.Option(512, help="Render tile size in pixels (the output is identical for every tile size)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
+    bf16: bool | None = typer.Option(None, "--bf16/--fp32", help=PRECISION_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar (with ETA)."),
 ):
     """Render a zoom video from the whole image into --box at constant zoom speed; every frame is rendered from the field at the video's size."""

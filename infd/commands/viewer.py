@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,18 +14,18 @@ from infd.errors import InfdError, quote_error
 @reports_errors
 def serve(
     ckpt: Path = typer.Option(..., "--ckpt", help="An INFDPipeline (LDM run or pipeline folder: new samples by seed) or an autoencoder (then pass --z or --image)."),
-    z: Optional[Path] = typer.Option(None, "--z", help="Show this latent (a .z.safetensors from `infd sample`)."),
-    image: Optional[Path] = typer.Option(None, "--image", help="Show this image, encoded by the autoencoder."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Show the pipeline's sample from this seed first (default 0)."),
+    z: Path | None = typer.Option(None, "--z", help="Show this latent (a .z.safetensors from `infd sample`)."),
+    image: Path | None = typer.Option(None, "--image", help="Show this image, encoded by the autoencoder."),
+    seed: int | None = typer.Option(None, "--seed", help="Show the pipeline's sample from this seed first (default 0)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on; the default serves this machine only."),
     port: int = typer.Option(8000, help="TCP port."),
-    size: Optional[str] = typer.Option(None, help="Virtual image size WIDTHxHEIGHT (default 65536 on the long side, at the image's aspect for --image)."),
+    size: str | None = typer.Option(None, help="Virtual image size WIDTHxHEIGHT (default 65536 on the long side, at the image's aspect for --image)."),
     tile_size: int = typer.Option(254, help="Deep Zoom tile size (tiles are rendered at tile size + 2 overlap)."),
     overlap: int = typer.Option(1, help="Deep Zoom tile overlap in pixels."),
     tile_format: str = typer.Option("png", "--tile-format", help="png (exact) or jpg (smaller)."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps for new samples. Default: the pipeline's own (50; 200 for the paper's converted models)."),
+    steps: int | None = typer.Option(None, help="Sampling steps for new samples. Default: the pipeline's own (50; 200 for the paper's converted models)."),
     sampler: str = typer.Option("ddim", help="ddim, dpm++ or ddpm."),
-    batch: Optional[int] = typer.Option(None, help="Most tiles rendered in one renderer call; default 32 on a GPU, 1 (no batching, measured faster) on CPU."),
+    batch: int | None = typer.Option(None, help="Most tiles rendered in one renderer call; default 32 on a GPU, 1 (no batching, measured faster) on CPU."),
     queue: int = typer.Option(256, help="Most requests waiting; beyond it the server answers 503."),
     cache_mib: int = typer.Option(256, help="Memory for the LRU cache of encoded tiles, in MiB."),
     max_view: str = typer.Option("4096x4096", help="Largest 'download this view' size (its pixel count is the cap)."),

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -410,7 +410,8 @@ def ae_goals(rows: list[dict], models: list[EvalModel]) -> list[dict]:
             others = [by_key[(m.label, scale)] for m in models if m is not entry and (m.label, scale) in by_key]
             fixed = [by_key[(m.label, scale)] for m in models if m.renderer_name == "fixed" and (m.label, scale) in by_key]
             for other in fixed:
-                goals.append(goal_row(f"{entry.label} detail at {scale}: better than {other['model']}", row["spectral_db"], f"< {other['spectral_db']:.4g} dB", row["spectral_db"] < other["spectral_db"]))
+                better = row["spectral_db"] < other["spectral_db"]
+                goals.append(goal_row(f"{entry.label} detail at {scale}: better than {other['model']}", row["spectral_db"], f"< {other['spectral_db']:.4g} dB", better))
             if others:
                 gap = max([row["psnr"], *(o["psnr"] for o in others)]) - row["psnr"]
                 goals.append(goal_row(f"{entry.label} PSNR at {scale}: gap to the best model", gap, f"<= {GOAL_PSNR_GAP_DB} dB", gap <= GOAL_PSNR_GAP_DB))

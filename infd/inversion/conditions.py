@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -228,7 +227,7 @@ class MaskedRegion:
         return self
 
 
-Condition = Union[TextRegion, ImageRegion, MaskedRegion]
+Condition = TextRegion | ImageRegion | MaskedRegion
 CONDITION_KEYS = {
     "text": {"type", "box", "prompt", "weight"},
     "image": {"type", "box", "image", "weight", "loss"},

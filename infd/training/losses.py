@@ -16,8 +16,8 @@ pretrained network and works at any patch size, whereas MS-SSIM needs patches of
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import focal_frequency_loss
 import lpips

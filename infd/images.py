@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from infd.errors import InfdError, quote_error
 from infd.files import atomic_path
-from infd.geometry import Size, Window, check_size
+from infd.geometry import Box, Size, Window, check_size
 
 MAX_IMAGE_PIXELS = 2**28  # decompression-bomb cap: a header claiming more is refused before decoding
 MIN_IMAGE_SIDE = 8
@@ -398,22 +398,25 @@ def resize(image: torch.Tensor, size: Size, antialias: bool = True) -> torch.Ten
 
 
 
-def lanczos_resize(image: torch.Tensor, size: Size) -> torch.Tensor:
-    """PIL's Lanczos resize of (B, 3, H, W) in [0, 1] to (B, 3, h, w), as the paper's code prepares its inputs.
+def lanczos_resize(image: torch.Tensor, size: Size, box: Box | None = None) -> torch.Tensor:
+    """PIL's Lanczos resize of `box` (default: all) of (B, 3, H, W) in [0, 1] to (B, 3, h, w).
 
-    8-bit images (every value a multiple of 1/255) are resized as 8-bit RGB, exactly as PIL
-    resizes a decoded file (the result is rounded to 8 bits); others per channel in float.
+    As the paper's code prepares its inputs: 8-bit images (every value a multiple of 1/255)
+    are resized as 8-bit RGB, exactly as PIL resizes a decoded file (the result is rounded to
+    8 bits); others per channel in float, nothing quantised (the Lanczos-upsampled baseline).
     """
     h, w = check_size(size, "resize size")
+    top, left, bottom, right = (box or Box.full()).to_pixels(tuple(image.shape[-2:]))
+    region = (left, top, right, bottom)  # PIL's order
     out = torch.empty(image.shape[0], 3, h, w)
     for i, one in enumerate(image.float().cpu()):
         levels = one * 255
         if torch.equal(levels, levels.round()):
             pil = Image.fromarray(levels.round().to(torch.uint8).permute(1, 2, 0).numpy(), mode="RGB")
-            out[i] = pil_to_tensor(pil.resize((w, h), Image.Resampling.LANCZOS))
+            out[i] = pil_to_tensor(pil.resize((w, h), Image.Resampling.LANCZOS, box=region))
             continue
         for c in range(3):
-            channel = Image.fromarray(one[c].numpy(), mode="F").resize((w, h), Image.Resampling.LANCZOS)
+            channel = Image.fromarray(one[c].numpy(), mode="F").resize((w, h), Image.Resampling.LANCZOS, box=region)
             out[i, c] = torch.from_numpy(np.array(channel))
     return out.clamp(0, 1)
 

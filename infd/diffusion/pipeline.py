@@ -37,6 +37,7 @@ from infd.diffusion.schedulers import check_sampling, make_sampler
 from infd.errors import InfdError, check_choice, quote_error
 from infd.files import atomic_path
 from infd.geometry import Box, Size
+from infd.images import lanczos_resize
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import DEFAULT_TILE, ArraySink, Sink, check_latent, pick_device, render
 from infd.store import find_pipeline
@@ -74,20 +75,6 @@ def lanczos_render(autoencoder: NeuralFieldAutoencoder, z: torch.Tensor, size: S
     box = geometry.check_inside_image(box or Box.full(), "the box of a Lanczos-upsampled render")
     native = autoencoder.feature_shape[1:]
     return lanczos_resize(render(autoencoder, z, native, renderer="fixed", tile=None), size, box)
-
-
-def lanczos_resize(images: torch.Tensor, size: Size, box: Box) -> torch.Tensor:
-    """Lanczos resampling of `box` of images (B, 3, h, w) in [0, 1] to (B, 3, H, W), in float."""
-    h, w = geometry.check_size(size)
-    top, left, bottom, right = box.to_pixels(tuple(images.shape[-2:]))
-    images = images.float().cpu()
-    out = torch.empty(images.shape[0], 3, h, w)
-    for i in range(images.shape[0]):
-        for c in range(3):
-            channel = Image.fromarray(images[i, c].numpy(), mode="F")
-            resized = channel.resize((w, h), Image.Resampling.LANCZOS, box=(left, top, right, bottom))
-            out[i, c] = torch.from_numpy(np.array(resized))
-    return out.clamp(0, 1)
 
 
 def render_latents(

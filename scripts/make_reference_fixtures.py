@@ -633,18 +633,27 @@ def main():
 
 def write_readme(out: Path, commit: str):
     from PIL import __version__ as pil_version
-    text = f"""\
-# Reference fixtures (outputs of the paper's code, github.com/yinboc/infd @ {commit})
-- `ae_stage.pth`: tiny AE-stage checkpoint in the reference trainer's save_ckpt format (cfg, model{{name,args,sd}}, optimizers, iter, ...); small sizes in model.args, random non-trivial weights, codebook rows 100..199 duplicated at 8000..8099 (ties), LPIPS/discriminator stubbed to a few keys.
-- `dm_stage.pth`: tiny DM-stage checkpoint (cfgs/dm_ffhq.yaml): the same autoencoder + small openai_unet z_dm and a perturbed z_dm_ema; spec keeps load_ckpt `save/ae_ffhq/last-model.pth` (never opened).
-- `input.png`: deterministic 320x300 test image; `inp` in outputs is its wrapper_cae preprocessing (LANCZOS 256, Normalize 0.5).
-- `outputs.safetensors`: the reference's own outputs on these files (CPU, float32): z, z_q, indices, ties, renders at 256/100/384, patchwise 320 renders, UNet outputs, DDIM-200 schedule and an eta=1 sample with seeded noise (step i's noise = randn seeded i).
-- `real_sizes.json`: key -> shape (and parameter counts) of the released models at real size, built on the meta device from cfgs/models/ae-d4vq.yaml (+ dm.yaml).
-- Regenerate: `git -C MIRROR archive {commit} | tar -x -C /tmp/infd-ref`, then `PYTHONPATH=/tmp/refdeps .venv/bin/python scripts/make_reference_fixtures.py --reference /tmp/infd-ref --commit {commit} --out tests/fixtures/reference` (einops, omegaconf in /tmp/refdeps; made with torch {torch.__version__}, Pillow {pil_version}; ~5 min on 2 CPU cores).
-- The UNet's random weights carry an added eps ~ 0.96 x_t / std(x_t) path (denoiser_path_ in the script) so that DDIM does not multiply x by ~190; sample_z still drifts (std ~22), as a random denoiser does.
-- Licence: the reference code is the authors' (Yinbo Chen et al., BSD 3-Clause); none of it is stored here, only outputs of running it (every parameter in the .pth files is drawn at random, the LPIPS stub's included).
-- Nothing here is a trained model: all weights are random; the numbers test parity only.
-"""
+    # One markdown line per item; adjacent string literals join into one line.
+    lines = [
+        f"# Reference fixtures (outputs of the paper's code, github.com/yinboc/infd @ {commit})",
+        "- `ae_stage.pth`: tiny AE-stage checkpoint in the reference trainer's save_ckpt format (cfg, model{name,args,sd}, optimizers, iter, ...); "
+        "small sizes in model.args, random non-trivial weights, codebook rows 100..199 duplicated at 8000..8099 (ties), LPIPS/discriminator stubbed to a few keys.",
+        "- `dm_stage.pth`: tiny DM-stage checkpoint (cfgs/dm_ffhq.yaml): the same autoencoder + small openai_unet z_dm and a perturbed z_dm_ema; "
+        "spec keeps load_ckpt `save/ae_ffhq/last-model.pth` (never opened).",
+        "- `input.png`: deterministic 320x300 test image; `inp` in outputs is its wrapper_cae preprocessing (LANCZOS 256, Normalize 0.5).",
+        "- `outputs.safetensors`: the reference's own outputs on these files (CPU, float32): z, z_q, indices, ties, renders at 256/100/384, patchwise 320 renders, "
+        "UNet outputs, DDIM-200 schedule and an eta=1 sample with seeded noise (step i's noise = randn seeded i).",
+        "- `real_sizes.json`: key -> shape (and parameter counts) of the released models at real size, built on the meta device from cfgs/models/ae-d4vq.yaml (+ dm.yaml).",
+        f"- Regenerate: `git -C MIRROR archive {commit} | tar -x -C /tmp/infd-ref`, then `PYTHONPATH=/tmp/refdeps .venv/bin/python scripts/make_reference_fixtures.py "
+        f"--reference /tmp/infd-ref --commit {commit} --out tests/fixtures/reference` "
+        f"(einops, omegaconf in /tmp/refdeps; made with torch {torch.__version__}, Pillow {pil_version}; ~5 min on 2 CPU cores).",
+        "- The UNet's random weights carry an added eps ~ 0.96 x_t / std(x_t) path (denoiser_path_ in the script) so that DDIM does not multiply x by ~190; "
+        "sample_z still drifts (std ~22), as a random denoiser does.",
+        "- Licence: the reference code is the authors' (Yinbo Chen et al., BSD 3-Clause); none of it is stored here, "
+        "only outputs of running it (every parameter in the .pth files is drawn at random, the LPIPS stub's included).",
+        "- Nothing here is a trained model: all weights are random; the numbers test parity only.",
+    ]
+    text = "\n".join(lines) + "\n"
     (out / 'README.md').write_text(text)
 
 

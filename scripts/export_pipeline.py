@@ -53,9 +53,10 @@ def swap_decoder(trained_on: NeuralFieldAutoencoder, run: Path) -> NeuralFieldAu
     """The autoencoder of `run` with `trained_on`'s latent scale; refused unless its encoder is `trained_on`'s."""
     scale = {k: trained_on.config[k] for k in ("scaling_factor", "shift_factor")}
     model = load_autoencoder(run, overrides=scale)
-    same = model.config.encoder_padding == trained_on.config.encoder_padding
-    for ours, theirs in zip(trained_on.encoding_modules(), model.encoding_modules()):
-        a, b = ours.state_dict(), theirs.state_dict()
+    ours, theirs = trained_on.encoding_modules(), model.encoding_modules()
+    same = model.config.encoder_padding == trained_on.config.encoder_padding and len(ours) == len(theirs)
+    for mine, other in zip(ours, theirs):
+        a, b = mine.state_dict(), other.state_dict()
         same = same and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if not same:
         raise InfdError(f"the autoencoder in '{run}' encodes differently from the one the LDM was trained on; train it with \"freeze_encoder\": true and --init from that one.")

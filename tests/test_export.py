@@ -77,7 +77,7 @@ def test_tiles_equal_a_whole_render_of_their_level(make_tiny_model, one_torch_th
     tiles = [t for t in zoom.all_tiles() if t[0] in (zoom.max_level, zoom.max_level - 1, 3)]
     crops = render_tiles(field, zoom, tiles)
     wholes = {level: render(model, z, zoom.level_size(level))[0] for level in {t[0] for t in tiles}}
-    for (level, col, row), crop in zip(tiles, crops):
+    for (level, col, row), crop in zip(tiles, crops, strict=True):
         win = zoom.tile_window(level, col, row)
         expected = wholes[level][:, win.top : win.top + win.height, win.left : win.left + win.width]
         assert crop.shape == expected.shape

@@ -30,7 +30,7 @@ def test_cache_holds_every_readable_image_and_counts_the_rest(make_tiny_model, f
     assert sum(cache.index["skipped"].values()) == 2
     assert sorted(name for name, _ in cache.index["skipped_files"]) == ["broken.png", os.path.join("sub", "truncated.png")]
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["index.json", "shard_00000.safetensors", "shard_00001.safetensors", "shard_00002.safetensors"]
-    for name, mean in zip(cache.files, cache.mean):  # the same latent as encoding the file on its own
+    for name, mean in zip(cache.files, cache.mean, strict=True):  # the same latent as encoding the file on its own
         expected = rendering.encode(model, folder_with_bad_files / name)[0]
         assert torch.allclose(mean, expected, atol=1e-5), name
     assert cache.fingerprint == weights_fingerprint(model)

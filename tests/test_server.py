@@ -51,7 +51,7 @@ def test_tiles_of_a_level_match_a_direct_render_at_that_levels_size(served):
         rows, cols = zoom.tile_counts(level)
         tiles = [(level, col, row) for row in range(rows) for col in range(cols)]
         # Before quantisation: what the service renders equals the direct render within 1e-5.
-        for (_, col, row), crop in zip(tiles, render_tiles(service._field(latent.zid), zoom, tiles)):
+        for (_, col, row), crop in zip(tiles, render_tiles(service._field(latent.zid), zoom, tiles), strict=True):
             win = zoom.tile_window(level, col, row)
             assert (crop - whole[:, win.top : win.top + win.height, win.left : win.left + win.width]).abs().max() <= 1e-5
         # Over HTTP: 8-bit tiles that reassemble the level without seams.

@@ -1,5 +1,6 @@
 """Zoom videos: the path (constant zoom speed, a fixed point), frames rendered from the field, MP4/GIF/WebP, one-line errors."""
 
+import itertools
 import math
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_the_zoom_path_has_constant_speed_and_the_video_shape(end, aspect, video
     assert last.y0 <= end.y0 + 1e-9 and last.x0 <= end.x0 + 1e-9 and last.y1 >= end.y1 - 1e-9 and last.x1 >= end.x1 - 1e-9
     assert min(last.y1 - end.y1 + end.y0 - last.y0, last.x1 - end.x1 + end.x0 - last.x0) < 1e-6  # and is the smallest such box
     # Constant zoom speed: the box shrinks by the same factor every frame.
-    ratios = [b.height / a.height for a, b in zip(boxes, boxes[1:])]
+    ratios = [b.height / a.height for a, b in itertools.pairwise(boxes)]
     assert max(ratios) - min(ratios) < 1e-9
     # A fixed point: the same screen position of the same image point in every frame.
     if ratios[0] < 1 - 1e-6:
@@ -145,7 +146,7 @@ def test_bad_zoom_videos_fail_in_one_sentence(make_tiny_model, tmp_path, options
     replace = {"OUT/zoom.avi": folder / "zoom.avi", "OUT/zoom.gif": folder / "zoom.gif", "MISSING": tmp_path / "missing.png", "PHOTO": photo}
     options = [replace.get(o, o) if isinstance(o, str) else o for o in options]
     settings = {"--ckpt": ckpt, "--image": photo, "--box": "0,0,0.5,0.5", "--size": "16", "--frames": 3, "--out": folder / "zoom.mp4"}
-    settings.update(zip(options[::2], options[1::2]))
+    settings.update(zip(options[::2], options[1::2], strict=True))
     args = [f"{key}={value}" for key, value in settings.items()]
     result = invoke("zoom-video", *args, "--no-progress")
     assert result.exit_code == 1, result.output

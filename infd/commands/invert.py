@@ -116,7 +116,7 @@ def invert_command(
     result = inversion.invert(model, problem, critics, pipe, init_z, progress)
     seconds = time.perf_counter() - start
     write_outputs(out, model, problem, result, critics, seconds, str(ckpt))
-    finals = ", ".join(f"{c.describe()} {v:.4f}" for c, v in zip(result.conditions, result.final_losses()))
+    finals = ", ".join(f"{c.describe()} {v:.4f}" for c, v in zip(result.conditions, result.final_losses(), strict=True))
     report("wrote", f"{out} ({width}x{height}, {seconds:.1f} s); final losses: {finals}")
 
 
@@ -164,7 +164,7 @@ def write_outputs(out: Path, model, problem, result, critics, seconds: float, ck
         metadata = {"ckpt": ckpt, "inversion": spec_to_dict(problem), LATENT_SPACE_KEY: latent_space_fingerprint(model)}
         save_latent(folder / "z.safetensors", result.z, metadata)
         (folder / "regions").mkdir()
-        for i, (condition, region) in enumerate(zip(result.conditions, regions)):
+        for i, (condition, region) in enumerate(zip(result.conditions, regions, strict=True)):
             images.save_image(region, folder / "regions" / f"{i:02d}-{condition.kind}.png")
             if hasattr(condition, "image"):
                 images.save_image(condition.image.cpu(), folder / "regions" / f"{i:02d}-{condition.kind}-target.png")

@@ -15,6 +15,8 @@ S, S): the feature map phi the renderer reads.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,7 +81,7 @@ class SRDecoder(nn.Module):
         channels = list(reversed(block_out_channels))
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         levels: list[nn.Module] = [blocks(channels[0], 2 * layers_per_block)]  # the low-resolution core
-        for c_in, c_out in zip(channels, channels[1:]):
+        for c_in, c_out in itertools.pairwise(channels):
             levels += [nn.Conv2d(c_in, 4 * c_out, 3, padding=1), nn.PixelShuffle(2), blocks(c_out, layers_per_block)]
         self.levels = nn.Sequential(*levels)
 

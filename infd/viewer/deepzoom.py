@@ -129,7 +129,7 @@ def render_tiles(field: LatentField, zoom: DeepZoom, tiles: Sequence[tuple[int, 
     padded = [zoom.padded_window(*tile) for tile in tiles]
     rgb = field.render([(zoom.level_size(tile[0]), window) for tile, window in zip(tiles, padded)])
     crops = []
-    for image, tile, pad in zip(rgb, tiles, padded):
+    for image, tile, pad in zip(rgb, tiles, padded, strict=True):
         win = zoom.tile_window(*tile)
         top, left = win.top - pad.top, win.left - pad.left
         crops.append(image[:, top : top + win.height, left : left + win.width])
@@ -257,7 +257,7 @@ def export_dzi(
                 (folder / str(level)).mkdir()
             for first in range(0, len(tiles), batch):
                 chunk = tiles[first : first + batch]
-                for (level, col, row), image in zip(chunk, render_tiles(field, zoom, chunk)):
+                for (level, col, row), image in zip(chunk, render_tiles(field, zoom, chunk), strict=True):
                     (folder / str(level) / f"{col}_{row}.{tile_format}").write_bytes(encode_tile(image, tile_format))
                 bar.update(len(chunk))
         with atomic_path(path) as tmp:

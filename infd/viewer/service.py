@@ -412,7 +412,7 @@ class TileService:
             for job in jobs:
                 self._finish(job, error=error)
             return
-        for job, crop in zip(jobs, crops):
+        for job, crop in zip(jobs, crops, strict=True):
             self._encoders.submit(self._encode, job, crop)
 
     def _encode(self, job: _TileJob, crop: torch.Tensor) -> None:

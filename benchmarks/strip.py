@@ -1,16 +1,19 @@
-"""A picture strip: the same centre crop of the same samples from two renderings, side by side.
+"""A picture strip: the same centre crop of the same samples from two renderings, side by side, enlarged 2x.
 
     python benchmarks/strip.py --a "INFD (CLIF)=runs/gen/infd" --b "fixed + bicubic=runs/gen/fixed" \\
         --seeds 3,9,15 --out benchmarks/results/eval-gen-wallpapers/strip-infd-vs-fixed.png
 
-Each folder holds sample_NNNN.png files of the same size (e.g. `infd sample` and the same
-z rendered with `--renderer fixed`); crops are shown enlarged 2x with nearest neighbours.
+Each folder holds sample_NNNN.png files of one size (`infd sample`, and the same z with `--renderer fixed`).
 """
 
 import argparse
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from infd.evaluation.autoencoders import comparison_strip
+from infd.files import atomic_path
+from infd.images import pil_to_tensor
 
 
 def main() -> None:
@@ -21,22 +24,16 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    sources = [tuple(spec.split("=", 1)) for spec in (args.a, args.b)]
-    crop, pad = args.crop, 18
-    tiles = []
-    for index in (int(s) for s in args.seeds.split(",")):
-        for label, folder in sources:
+    crops = []
+    for index in map(int, args.seeds.split(",")):
+        for label, folder in (spec.split("=", 1) for spec in (args.a, args.b)):
             image = Image.open(Path(folder) / f"sample_{index:04d}.png").convert("RGB")
-            w, h = image.size
-            box = ((w - crop) // 2, (h - crop) // 2, (w + crop) // 2, (h + crop) // 2)
-            tiles.append((f"sample {index}: {label}", image.crop(box).resize((2 * crop, 2 * crop), Image.NEAREST)))
-    strip = Image.new("RGB", (len(tiles) * (2 * crop + 4), 2 * crop + pad), "white")
-    draw = ImageDraw.Draw(strip)
-    for i, (label, tile) in enumerate(tiles):
-        strip.paste(tile, (i * (2 * crop + 4), pad))
-        draw.text((i * (2 * crop + 4) + 2, 2), label, fill="black")
+            left, top = (image.width - args.crop) // 2, (image.height - args.crop) // 2
+            crop = image.crop((left, top, left + args.crop, top + args.crop)).resize((2 * args.crop,) * 2, Image.NEAREST)
+            crops.append((f"sample {index}: {label}", pil_to_tensor(crop)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    strip.save(args.out)
+    with atomic_path(args.out) as tmp:
+        Image.fromarray(comparison_strip(crops)).save(tmp)
     print(f"wrote {args.out}")
 
 

@@ -1,4 +1,4 @@
-"""Every benchmark still runs: each script's tiny --quick configuration end to end, in a fresh process,
+"""Every benchmark still runs: each script's tiny --smoke configuration end to end, in a fresh process,
 writing its table, JSON and plot into a temporary folder (so the harness cannot rot unnoticed).
 
 These are not timings (the numbers of a run on a busy test machine mean nothing): a benchmark is
@@ -15,35 +15,56 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-QUICK = ["convert_official", "inversion", "render", "sample", "sd", "serve"]
+SMOKE = ["convert_official", "inversion", "render", "sample", "sd", "serve", "train_ae"]
 # official.py needs a checkout of the reference code (--reference; tests/test_official.py covers the parity offline);
-# train_ae.py trains for minutes on the wallpapers; strip.py and report.py draw from results (tested below).
+# strip.py and report.py draw from results (tested below).
 
 
-def run_script(name: str, *args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("name", QUICK)
-def test_each_benchmark_runs_its_quick_configuration(name, tmp_path):
-    done = run_script(name, "--quick", "--out", str(tmp_path))
+def test_every_benchmark_script_is_smoke_tested():
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"harness", "report", "strip", "official"}
+    assert scripts == set(SMOKE), "a new benchmark script needs a --smoke run here"
+
+
+@pytest.mark.parametrize("name", SMOKE)
+def test_each_benchmark_runs_its_smoke_configuration(name, tmp_path):
+    done = run_script(name, "--smoke", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    (result,) = tmp_path.glob(f"{name}-*-quick.json")
+    (result,) = tmp_path.glob(f"{name}-*-smoke.json")
     data = json.loads(result.read_text())
     assert data["machine"]["cpu"] and data["rows"], "a result names its machine and holds rows"
+    assert data["command"].startswith(f"python benchmarks/{name}.py") and "--smoke" in data["command"], "a result names the command that reproduces it"
+    shown = {key for table in data["tables"] for key in table["columns"]}
+    assert any(key in row for row in data["rows"] for key in shown), "its tables show what the rows hold"
     assert result.with_suffix(".png").stat().st_size > 1000
-    assert "┃" in done.stdout or "|" in done.stdout, "it prints a table"
+    assert "┃" in done.stdout, "it prints a table"
 
 
-def test_the_report_gathers_the_committed_results(tmp_path):
+def test_the_report_gathers_the_committed_results_with_their_commands(tmp_path):
     out = tmp_path / "benchmarks.md"
     done = run_script("report", "--out", str(out), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
-    assert "render" in text and "|" in text
+    assert "## render (cpu)" in text and "Reproduce: `python benchmarks/render.py" in text and "|" in text
+    assert "-smoke.json" not in text, "smoke runs are not results"
 
 
 def test_official_without_the_reference_checkout_says_what_to_pass(tmp_path):
-    done = run_script("official", "--quick", "--reference", str(tmp_path / "missing"), "--out", str(tmp_path), timeout=120)
+    done = run_script("official", "--smoke", "--reference", str(tmp_path / "missing"), "--out", str(tmp_path), timeout=120)
     assert done.returncode != 0 and "reference" in (done.stdout + done.stderr).lower()
+
+
+def test_strip_puts_the_same_crop_of_two_renderings_side_by_side(tmp_path):
+    from PIL import Image
+
+    for folder, value in (("a", 40), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (120, 80), (value,) * 3).save(tmp_path / folder / "sample_0003.png")
+    done = run_script("strip", "--a", f"A={tmp_path / 'a'}", "--b", f"B={tmp_path / 'b'}", "--seeds", "3", "--crop", "32", "--out", str(tmp_path / "s.png"), timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    strip = Image.open(tmp_path / "s.png").convert("L")
+    assert strip.width > 2 * 64 and strip.getpixel((10, strip.height - 5)) == 40 and strip.getpixel((strip.width - 10, strip.height - 5)) == 200

@@ -26,7 +26,8 @@ MODELS = {
 }
 REGION = 224
 GOALS = {2048: 10.0, 8192: 50.0}  # canvas side -> least naive / region step memory
-COLUMNS = dict(size="canvas", mode="mode", renderer_width="width", median_s="s / step", step_mib="step MiB", peak_mib="peak MiB", memory_ratio="memory naive/region (x)", time_ratio="time naive/region (x)", note="note")
+COLUMNS = dict(size="canvas", mode="mode", renderer_width="width", median_s="s / step", step_mib="step MiB", peak_mib="peak MiB")
+COLUMNS.update(memory_ratio="memory naive/region (x)", time_ratio="time naive/region (x)", note="note")
 
 
 def region_conditions(canvas: int, region: int = REGION) -> list[ImageRegion]:
@@ -128,17 +129,20 @@ def main() -> None:
     if min(args.canvases) < REGION:
         bench.error(f"every canvas must be at least the {REGION}² regions it holds")
     config = dict(MODELS[args.model], **({"renderer_hidden": args.width} if args.width else {}))
-    bench.start("infd inversion benchmark", [Table(f"Inversion step: region-only vs the full canvas, then crop ({args.model} model)", COLUMNS)], model=args.model, config=config, regions=3, region=REGION, repeats=args.repeats)
+    table = Table(f"Inversion step: region-only vs the full canvas, then crop ({args.model} model)", COLUMNS)
+    bench.start("infd inversion benchmark", [table], model=args.model, config=config, regions=3, region=REGION, repeats=args.repeats)
     grad = gradient_check(config, bench.device)
     bench.say(f"  gradient check at {grad['canvas']}²: max |region - naive| = {grad['max_abs_difference']:.3g} (max |grad| {grad['max_abs_gradient']:.3g})")
     bench.save(gradient_check=grad)
     with bench.interruptible():
         measure_rows(bench, args, config)
-    goals = [goal(f"step memory naive / region at {r['size']}" + (" (naive estimated)" if r.get("estimated") else ""), r["memory_ratio"], GOALS[r["canvas"]], "x") for r in bench.rows if r["canvas"] in GOALS and "memory_ratio" in r]
+    ratios = [r for r in bench.rows if r["canvas"] in GOALS and "memory_ratio" in r]
+    goals = [goal(f"step memory naive / region at {r['size']}" + (" (naive estimated)" if r.get("estimated") else ""), r["memory_ratio"], GOALS[r["canvas"]], "x") for r in ratios]
     goals.append(goal(f"gradient relative difference at {grad['canvas']}²", grad["relative"], 1e-4, lower_is_better=True))
     styles = {(mode, estimated): dict(color=color, linestyle="--" if estimated else "-") for mode, color in (("region", "tab:blue"), ("naive", "tab:red")) for estimated in (None, True)}
     ticks, note = {r["canvas"]: r["size"] for r in bench.rows}, f"{args.model} model, renderer width {config['renderer_hidden']}; three {REGION}² regions"
-    bench.finish(goals, [Panel(title, "canvas", unit, lines(bench.rows, "canvas", key, ("mode", "estimated"), styles), note=note, xticks=ticks) for title, unit, key in (("Memory of one inversion step (above the loaded model)", "MiB", "step_mib"), ("Time of one inversion step", "seconds", "median_s"))])
+    plots = (("Memory of one inversion step (above the loaded model)", "MiB", "step_mib"), ("Time of one inversion step", "seconds", "median_s"))
+    bench.finish(goals, [Panel(title, "canvas", unit, lines(bench.rows, "canvas", key, ("mode", "estimated"), styles), note=note, xticks=ticks) for title, unit, key in plots])
 
 
 if __name__ == "__main__":

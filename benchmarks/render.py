@@ -40,7 +40,15 @@ class Variant:
     color: str = "black"
 
 
-VARIANTS = {v.name: v for v in (Variant("fp32-plain", torch.float32, True, "tab:gray"), Variant("fp32", torch.float32, color="tab:blue"), Variant("bf16", torch.bfloat16, color="tab:orange"), Variant("fp16", torch.float16, color="tab:green"))}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("fp32-plain", torch.float32, True, "tab:gray"),
+        Variant("fp32", torch.float32, color="tab:blue"),
+        Variant("bf16", torch.bfloat16, color="tab:orange"),
+        Variant("fp16", torch.float16, color="tab:green"),
+    )
+}
 # bf16 on a CPU without fast bfloat16 renders in float32 (rendering.effective_dtype): not worth a row.
 DEFAULT_VARIANTS = {"cpu": "fp32-plain,fp32" + (",bf16" if system.fast_bf16(torch.device("cpu")) else ""), "cuda": "fp32,bf16,fp16"}
 BASELINE = {"cpu": "fp32-plain", "cuda": "fp32"}
@@ -184,19 +192,18 @@ def panels(rows: list[dict], device: str, tile: int) -> list[Panel]:
     if rows and rows[0]["section"] == "allocator":
         styles = {"tuned": dict(color="tab:blue"), "glibc default": dict(color="tab:gray")}
         note = f"{SHIPPED_MODEL.name} (or --ckpt), {tile}² tiles, float32"
-        return [
-            Panel(title, "output size", unit, lines(rows, "megapixels", key, "allocator", styles), logy=logy, note=note, xticks=size_ticks(rows))
-            for title, unit, key, logy in (("Render time from z", "seconds", "median_s", True), ("Minor page faults per render", "faults", "minor_faults", True), ("Peak RSS (fresh process)", "MiB", "peak_mib", False))
-        ]
+        plots = (("Render time from z", "seconds", "median_s", True), ("Minor page faults per render", "faults", "minor_faults", True), ("Peak RSS (fresh process)", "MiB", "peak_mib", False))
+        return [Panel(title, "output size", unit, lines(rows, "megapixels", key, "allocator", styles), logy=logy, note=note, xticks=size_ticks(rows)) for title, unit, key, logy in plots]
     styles = {(v.name, mode): dict(color=v.color, linestyle="-" if mode == "tiled" else "--") for v in VARIANTS.values() for mode in ("tiled", "whole")}
     speed = [r for r in rows if r["section"] == "throughput"]
     memory = [r for r in rows if r["section"] == ("throughput" if device == "cuda" else "memory")]
     widths = ", ".join(sorted({str(r["renderer_width"]) for r in memory}))
     output = lines(memory, "megapixels", "output_mib", label="output image, float32 (not held)", color="lightgray", linestyle=":", marker="")
     memory_note = "torch.cuda.max_memory_allocated" if device == "cuda" else f"peak RSS of a fresh process per row; renderer width {widths}"
+    rates, peaks = lines(speed, "megapixels", "mpix_per_s", ("variant", "mode"), styles), lines(memory, "megapixels", "peak_mib", ("variant", "mode"), styles)
     return [
-        Panel("Render throughput from z (decode phi + all tiles)", "output size", "megapixels / s", lines(speed, "megapixels", "mpix_per_s", ("variant", "mode"), styles), note=f"solid: {tile}² tiles, dashed: whole image", xticks=size_ticks(speed)),
-        Panel("Peak memory during the render", "output size", "peak MiB", lines(memory, "megapixels", "peak_mib", ("variant", "mode"), styles) + output, logy=False, note=memory_note, xticks=size_ticks(memory)),
+        Panel("Render throughput from z (decode phi + all tiles)", "output size", "megapixels / s", rates, note=f"solid: {tile}² tiles, dashed: whole image", xticks=size_ticks(speed)),
+        Panel("Peak memory during the render", "output size", "peak MiB", peaks + output, logy=False, note=memory_note, xticks=size_ticks(memory)),
     ]
 
 

@@ -104,8 +104,9 @@ def marks(rows: list[dict]) -> list[dict]:
             floor = next((r["psnr"] for r in rows if r["recipe"] == "thumbnail (floor)" and r["scale"] == scale), None)
             for minutes in MARKS_MIN:
                 row = ([r for r in points if r["minutes"] <= minutes + 1e-9] or [None])[-1]
-                psnr = row and row["psnr"]
-                out.append(dict(section="mark", recipe=recipe, scale=scale, at_minutes=minutes, reached=points[-1]["minutes"] >= minutes - 1, step=row and row["step"], psnr=psnr, over_thumbnail_db=psnr - floor if psnr and floor else None))
+                psnr, reached = row and row["psnr"], points[-1]["minutes"] >= minutes - 1
+                over = psnr - floor if psnr and floor else None
+                out.append(dict(section="mark", recipe=recipe, scale=scale, at_minutes=minutes, reached=reached, step=row and row["step"], psnr=psnr, over_thumbnail_db=over))
     return out
 
 
@@ -113,10 +114,12 @@ def panels(rows: list[dict], scale: int) -> list[Panel]:
     curves = [r for r in rows if r["section"] == "curve" and r["scale"] == scale]
     floors = {r["recipe"]: r for r in rows if r["section"] == "floor" and r["scale"] == scale}
     out = []
-    for key, title, unit in (("psnr", f"held-out PSNR at {scale}", "dB"), ("spectral_db", f"detail: spectral distance at {scale}", "dB, lower is better"), ("zoom_blockiness", f"blockiness at {evaluation.ZOOM}x zoom of {scale}", "1 = smooth")):
+    metrics = (("psnr", f"held-out PSNR at {scale}", "dB"), ("spectral_db", f"detail: spectral distance at {scale}", "dB, lower is better"))
+    for key, title, unit in (*metrics, ("zoom_blockiness", f"blockiness at {evaluation.ZOOM}x zoom of {scale}", "1 = smooth")):
         for x, xlabel in (("samples", "training samples seen"), ("minutes", "training wall-clock (minutes)")):
             xs = [r[x] for r in curves if r.get(x) is not None]
-            reference = [hline(name, xs, floor[key], color=colour, linestyle="--") for name, colour in (("thumbnail (floor)", "0.4"), ("input (floor)", "0.7")) if xs and (floor := floors.get(name)) and floor.get(key) is not None]
+            greys = (("thumbnail (floor)", "0.4"), ("input (floor)", "0.7"))
+            reference = [hline(name, xs, floor[key], color=grey, linestyle="--") for name, grey in greys if xs and (floor := floors.get(name)) and floor.get(key) is not None]
             out.append(Panel(title, xlabel, unit, lines(curves, x, key, "recipe") + reference, logx=False, logy=False, note="marks: 30 and 120 minutes" if x == "minutes" else ""))
     return out
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -52,30 +50,8 @@ def git(*args: str, cwd: Path = REPO_ROOT) -> str | None:
 
 
 def machine_info(device: torch.device) -> dict:
-    """What the numbers were measured on: CPU and its vector instructions (as `infd doctor` says), cores, threads, load, GPU, torch, date, commit."""
-    info = dict(
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        device=device.type,
-        cpu=system.cpu_info().model,
-        cpu_flags=system.vector_extensions(),
-        bf16_fast=system.fast_bf16(device),
-        allocator=system.tune_allocator(),
-        cpu_count=os.cpu_count(),
-        cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        torch_threads=torch.get_num_threads(),
-        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        mkldnn=torch.backends.mkldnn.is_available(),
-        cpu_capability=torch.backends.cpu.get_cpu_capability(),
-        git_commit=git("rev-parse", "HEAD"),
-        git_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-    )
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark)
-        info.update(cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
-    return info
+    """What the numbers were measured on (`infd.system.machine_record`, as `infd doctor` sees the machine) and the commit."""
+    return {**system.machine_record(device), "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def describe_machine(info: dict) -> str:

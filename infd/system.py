@@ -160,3 +160,34 @@ def allocator_description() -> str:
     if state != "tuned":
         return state
     return f"tuned (glibc {_glibc_version()}: heap below {MALLOC_MMAP_THRESHOLD_BYTES // 2**20} MiB, trim above {MALLOC_TRIM_BYTES // 2**20} MiB; {MALLOC_TUNING_ENV}=0 turns it off)"
+
+
+# ---------------------------------------------------------------- the record of a measurement
+
+
+def machine_record(device: torch.device) -> dict:
+    """What a measurement ran on, for its JSON: date, CPU and its vector instructions, fast bf16, the allocator,
+    cores, threads, load, python, torch and its CPU kernels, and the GPU (with its cuDNN/TF32 settings) on CUDA."""
+    import datetime
+
+    info = dict(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        device=device.type,
+        cpu=cpu_info().model,
+        cpu_flags=vector_extensions(),
+        bf16_fast=fast_bf16(device),
+        allocator=tune_allocator(),
+        cpu_count=os.cpu_count(),
+        cpu_affinity=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        torch_threads=torch.get_num_threads(),
+        load_average=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        mkldnn=torch.backends.mkldnn.is_available(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), cudnn_benchmark=torch.backends.cudnn.benchmark)
+        info.update(cudnn_allow_tf32=torch.backends.cudnn.allow_tf32, matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info

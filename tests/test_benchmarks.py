@@ -68,3 +68,27 @@ def test_strip_puts_the_same_crop_of_two_renderings_side_by_side(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     strip = Image.open(tmp_path / "s.png").convert("L")
     assert strip.width > 2 * 64 and strip.getpixel((10, strip.height - 5)) == 40 and strip.getpixel((strip.width - 10, strip.height - 5)) == 200
+
+
+def test_report_shows_any_result_with_its_tables_command_and_plot_and_leaves_smoke_runs_out(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"date": "2026-01-02T03:04:05", "device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "torch": "2.x"}
+    rows = [{"size": "64²", "seconds": 0.5, "runs": [0.5, 0.6]}, {"size": "128²", "seconds": 1.5, "runs": [1.5]}]
+    goals = [{"goal": "fast", "value": 0.5, "target": "<= 1", "met": True}]
+    tables = [{"title": "Times", "columns": {"size": "size", "seconds": "time (s)"}, "section": None}]
+    (results / "newthing-cpu.json").write_text(json.dumps({"machine": machine, "command": "python benchmarks/newthing.py", "tables": tables, "rows": rows, "goals": goals}))
+    (results / "newthing-cpu.png").write_bytes(b"png")
+    (results / "older-cpu.json").write_text(json.dumps({"machine": machine, "rows": rows}))
+    (results / "newthing-cpu-smoke.json").write_text(json.dumps({"machine": machine, "rows": rows}))
+    (results / "broken.json").write_text("{")
+    found = report.collect(results)
+    assert [name for _, name, _, _ in found] == ["newthing", "older"]
+    text = report.build_report(found, tmp_path / "docs" / "benchmarks.md")
+    assert "**Times**" in text and "| size | time (s) |" in text and "| 128² | 1.5 |" in text
+    assert "| size | seconds |" in text, "a result without tables: its scalar fields (lists left out)"
+    assert "Reproduce: `python benchmarks/newthing.py`" in text and "![newthing-cpu](../results/newthing-cpu.png)" in text
+    assert "1/1 goals met" in text and "Test CPU, 2 cores" in text

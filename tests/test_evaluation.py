@@ -1,8 +1,6 @@
 """eval-ae and eval-gen: the right ground truth at each scale, the right patches, reports, clear errors."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,37 +273,3 @@ def test_eval_gen_errors(extra, message, tmp_path):
     assert result.exit_code == 1
     assert message in " ".join(result.output.split()), result.output
 
-
-# ---------------------------------------------------------------- benchmarks/report.py
-
-
-def load_report_module():
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
-    spec = importlib.util.spec_from_file_location("benchmark_report", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_report"] = module  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        del sys.modules["benchmark_report"]
-    return module
-
-
-def test_report_collects_any_benchmark_json(tmp_path):
-    report = load_report_module()
-    results = tmp_path / "results"
-    results.mkdir()
-    machine = {"date": "2026-01-02T03:04:05", "device": "cpu", "cpu": "Test CPU", "cpu_count": 2, "torch": "2.x"}
-    rows = [{"size": "64x64", "seconds": 0.5, "runs": [0.5, 0.6]}, {"size": "128x128", "seconds": 1.5, "runs": [1.5]}]
-    goals = [{"goal": "fast", "value": 0.5, "target": "<= 1", "met": True}]
-    (results / "newthing-cpu.json").write_text(json.dumps({"machine": machine, "rows": rows, "goals": goals}))
-    (results / "newthing-cpu.png").write_bytes(b"png")
-    (results / "newthing-cpu-quick.json").write_text(json.dumps({"machine": machine, "rows": rows}))
-    (results / "other-cpu-quick.json").write_text(json.dumps({"machine": machine, "rows": rows}))
-    (results / "broken.json").write_text("{")
-    found = report.collect(results)
-    assert [(r.name, r.tag) for r in found] == [("newthing", ""), ("other", "quick")]  # quick only where no full run exists
-    text = report.build_report(found, tmp_path / "docs" / "benchmarks.md")
-    assert "| size | seconds |" in text and "| 128x128 | 1.5 |" in text  # lists are left out of generic tables
-    assert "![newthing-cpu](../results/newthing-cpu.png)" in text
-    assert "1/1 goals met" in text and "Test CPU, 2 cores" in text and "Smoke test" in text

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
-import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import infd
+from infd import system
 from infd.files import atomic_path
 
 METRIC_TITLES = {
@@ -31,27 +29,8 @@ METRIC_TITLES = {
 
 
 def machine_summary(device: torch.device) -> dict:
-    """What the numbers were measured on (the benchmarks' `machine` block, in brief)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device.type,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "infd": infd.__version__,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """What the numbers were measured on: `infd.system.machine_record` and infd's version."""
+    return {**system.machine_record(device), "infd": infd.__version__}
 
 
 def write_text(path: Path, text: str) -> None:

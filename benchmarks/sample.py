@@ -23,7 +23,7 @@ from infd.diffusion.pipeline import load_pipeline
 from infd.geometry import Box
 from infd.images import lanczos_resize
 from infd.models import NeuralFieldAutoencoder
-from infd.rendering import ArraySink, render_prepared
+from infd.rendering import ArraySink, LatentField
 from infd.training.ldm import LDMTrainConfig, build_unet
 
 SMOKE_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
@@ -57,10 +57,6 @@ def build_models(spec: dict, device: torch.device):
     return ae, build_unet(spec["unet"], ae.latent_shape).to(device).eval(), 1.0
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 @torch.no_grad()
 def sample_latent(ae, unet, scaling_factor: float, steps: int, dtype: torch.dtype) -> torch.Tensor:
     """Phase 1: z (1, C, h, w) from noise with DDIM."""
@@ -68,26 +64,20 @@ def sample_latent(ae, unet, scaling_factor: float, steps: int, dtype: torch.dtyp
     return x / scaling_factor
 
 
-@torch.no_grad()
-def decode(ae, z: torch.Tensor, method: str, dtype: torch.dtype) -> torch.Tensor:
-    """Phase 2: the renderer's state (CLIF: phi; fixed: the RGB at phi's resolution)."""
-    with autocast(z.device, dtype):
-        return ae.prepare_render(z, METHODS[method][0])
+def decode(ae, z: torch.Tensor, method: str, dtype: torch.dtype) -> LatentField:
+    """Phase 2: z -> the renderer's state (CLIF: phi; fixed: the RGB at phi's resolution), decoded once."""
+    field = LatentField(ae, z, renderer=METHODS[method][0], dtype=None if dtype == torch.float32 else dtype)
+    assert field.state is not None
+    return field
 
 
-@torch.no_grad()
-def render_image(ae, state: torch.Tensor, method: str, size, tile: int, dtype: torch.dtype) -> np.ndarray:
+def render_image(field: LatentField, method: str, size, tile: int) -> np.ndarray:
     """Phase 3: the (H, W, 3) uint8 image, tile by tile as `infd sample` renders it (Lanczos: the native image, then PIL)."""
-    renderer, upsampling = METHODS[method]
     canvas = np.empty((*size, 3), dtype=np.uint8)
-    sink = ArraySink(canvas)
-    with autocast(state.device, dtype):
-        if upsampling == "lanczos":
-            low = ((render_prepared(ae, state, Box.full(), ae.feature_shape[1:], renderer=renderer).float() + 1) / 2).clamp(0, 1)
-            sink(geometry.Window(0, 0, *size), lanczos_resize(low, size, Box.full()))
-            return canvas
-        for window in geometry.tiles(size, tile):
-            sink(window, ((render_prepared(ae, state, Box.full(), size, window, renderer).float() + 1) / 2).clamp(0, 1).cpu())
+    if METHODS[method][1] == "lanczos":
+        ArraySink(canvas)(geometry.Window(0, 0, *size), lanczos_resize(field.image(field.model.feature_shape[1:], tile=None), size, Box.full()))
+    else:
+        field.image(size, tile, sink=ArraySink(canvas))
     return canvas
 
 
@@ -95,13 +85,13 @@ def peak_rss_of_row(spec: dict, method: str, size, tile: int, threads: int) -> d
     """In a fresh process: the models, a warm-up, then one image (2 sampling steps: the peak does not depend on them); RSS after each phase."""
     torch.set_num_threads(threads)
     ae, unet, scaling_factor = build_models(spec, torch.device("cpu"))
-    render_image(ae, decode(ae, sample_latent(ae, unet, scaling_factor, 1, torch.float32), method, torch.float32), method, (64, 64), tile, torch.float32)
+    render_image(decode(ae, sample_latent(ae, unet, scaling_factor, 1, torch.float32), method, torch.float32), method, (64, 64), tile)
     base = current_rss_bytes()
     z = sample_latent(ae, unet, scaling_factor, 2, torch.float32)
     sample_peak = peak_rss_bytes()
-    state = decode(ae, z, method, torch.float32)
+    field = decode(ae, z, method, torch.float32)
     decode_peak = peak_rss_bytes()
-    render_image(ae, state, method, size, tile, torch.float32)
+    render_image(field, method, size, tile)
     return dict(base_mib=base / MIB, sample_peak_mib=sample_peak / MIB, decode_peak_mib=decode_peak / MIB, render_peak_mib=peak_rss_bytes() / MIB)
 
 
@@ -111,7 +101,7 @@ def peak_rss_of_row(spec: dict, method: str, size, tile: int, threads: int) -> d
 def measure_rows(bench: Benchmark, args) -> dict:
     device, dtype = bench.device, args.dtype
     ae, unet, scaling_factor = build_models(args.spec, device)
-    render_image(ae, decode(ae, torch.zeros(1, *ae.latent_shape, device=device), "infd", dtype), "infd", (64, 64), args.tile, dtype)  # kernels
+    render_image(decode(ae, torch.zeros(1, *ae.latent_shape, device=device), "infd", dtype), "infd", (64, 64), args.tile)  # kernels
     latents = []
     sampling = measure(lambda: latents.append(sample_latent(ae, unet, scaling_factor, args.steps, dtype)), device, args.repeats)
     bench.save(sampling={"sample_s": sampling["median_s"], "runs": sampling["seconds"], "peak_mib": sampling.get("peak_mib")})
@@ -120,9 +110,9 @@ def measure_rows(bench: Benchmark, args) -> dict:
     plan = [(m, tuple(ae.feature_shape[1:])) for m in methods if m == "fixed"] + [(m, size) for m in methods if m != "fixed" for size in args.sizes]
     for method, size in sorted(plan, key=lambda p: methods.index(p[0])):
         row = dict(method=method, **size_fields(size), steps=args.steps, dtype=str(dtype).removeprefix("torch."), output_mib=3 * size[0] * size[1] / MIB)
-        states = []
-        decoded = measure(lambda: states.append(decode(ae, latents[-1], method, dtype)), device, args.repeats)  # noqa: B023 (called at once)
-        rendered = measure(lambda: render_image(ae, states[-1], method, size, args.tile, dtype), device, args.repeats)  # noqa: B023
+        fields = []
+        decoded = measure(lambda: fields.append(decode(ae, latents[-1], method, dtype)), device, args.repeats)  # noqa: B023 (called at once)
+        rendered = measure(lambda: render_image(fields[-1], method, size, args.tile), device, args.repeats)  # noqa: B023
         row.update(sample_s=sampling["median_s"], decode_s=decoded["median_s"], render_s=rendered["median_s"], decode_runs=decoded["seconds"], render_runs=rendered["seconds"])
         row["total_s"] = row["sample_s"] + row["decode_s"] + row["render_s"]
         if device.type == "cuda":

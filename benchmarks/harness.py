@@ -22,12 +22,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from infd import system
+from infd.evaluation.report import Panel, Series, plot_panels  # noqa: F401 (the scripts take them from here)
 from infd.files import atomic_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -283,26 +284,6 @@ def print_table(table: Table, rows: Sequence[dict], console=None) -> None:
 # ---------------------------------------------------------------- plots
 
 
-@dataclass
-class Series:
-    label: str
-    x: list[float]
-    y: list[float]
-    style: dict = field(default_factory=dict)  # matplotlib keyword arguments
-
-
-@dataclass
-class Panel:
-    title: str
-    xlabel: str
-    ylabel: str
-    series: list[Series]
-    logx: bool = True
-    logy: bool = True
-    note: str = ""  # small text under the title
-    xticks: dict[float, str] = field(default_factory=dict)  # value -> label, replacing the default ticks
-
-
 def lines(rows: Sequence[dict], x: str, y: str, by: str | Sequence[str] = (), styles: Mapping | None = None, label: str = "", **style) -> list[Series]:
     """One line per distinct value of the `by` fields (in order of appearance): the rows' (x, y), sorted by x, where both exist.
     `styles` maps a group (its one value, or the tuple of values) to matplotlib keywords; `style` applies to every line."""
@@ -312,55 +293,18 @@ def lines(rows: Sequence[dict], x: str, y: str, by: str | Sequence[str] = (), st
         points = sorted((r[x], r[y]) for r in rows if tuple(r.get(k) for k in by) == group and r.get(x) is not None and r.get(y) is not None)
         if points:
             key = group[0] if len(group) == 1 else group
-            name = " ".join(map(str, group)) + label
-            out.append(Series(name or y, [p[0] for p in points], [p[1] for p in points], {**style, **(styles or {}).get(key, {})}))
+            name = " ".join(f"({k})" if v is True else str(v) for k, v in zip(by, group, strict=True) if v not in (None, False)) + label  # True: "(field)"
+            out.append(Series(name or y, [p[0] for p in points], [p[1] for p in points], style={**style, **(styles or {}).get(key, {})}))
     return out
 
 
 def hline(label: str, xs: Sequence[float], value: float, **style) -> Series:
     """A horizontal reference line across the x range (a baseline, a goal, a floor)."""
-    return Series(label, [min(xs), max(xs)], [value, value], {"linestyle": ":", "marker": "", "color": "gray", **style})
+    return Series(label, [min(xs), max(xs)], [value, value], style={"linestyle": ":", "marker": "", "color": "gray", **style})
 
 
 def size_ticks(rows: Sequence[dict], x: str = "megapixels") -> dict[float, str]:
     return {r[x]: r["size"] for r in rows if x in r}
-
-
-def plot_panels(path: Path, panels: Sequence[Panel], title: str, columns: int | None = None) -> None:
-    """Panels side by side (`columns` per row; default all in one), a line with markers per series, saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker as ticker
-
-    cols = columns or max(1, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // cols) or 1, cols, figsize=(6.4 * cols, 4.8 * (-(-len(panels) // cols) or 1)), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax, panel in zip(axes.flat, panels):
-        for s in panel.series:
-            if s.x:
-                ax.plot(s.x, s.y, label=s.label, **{"marker": "o", **s.style})
-        for axis, log, set_scale in ((ax.xaxis, panel.logx, ax.set_xscale), (ax.yaxis, panel.logy, ax.set_yscale)):
-            set_scale("log" if log else "linear")
-            if log:
-                axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-                axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-                axis.set_minor_formatter(ticker.NullFormatter())
-        if panel.xticks:
-            ax.set_xticks(list(panel.xticks), list(panel.xticks.values()))
-            ax.xaxis.set_minor_locator(ticker.NullLocator())
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
-        ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        if any(s.x for s in panel.series):
-            ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the frame

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import types
 from dataclasses import dataclass
 
@@ -129,33 +130,31 @@ def sweeps(bench: Benchmark, args) -> None:
     config = dict(SMOKE_AE if args.smoke else PAPER_AE, renderer_hidden=args.width)
     spec = {"ckpt": str(args.ckpt)} if args.ckpt else {"config": config}
     model = autoencoder(spec, device)
-    z, width = random_latent(model), model.config.renderer_hidden
+    z = random_latent(model)
     budget = args.whole_budget_gib * 2**30 if args.whole_budget_gib else 0.6 * torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else WHOLE_BUDGET_GIB * 2**30
-    tiles = (args.tile,) if args.no_whole else (args.tile, None)
     for variant in args.variants:  # kernels and algorithm choice, once per variant
         render_once(model, z, args.sizes[0], args.tile, variant)
-    for size in args.sizes:
-        for tile in tiles:
-            for variant in args.variants:
-                row = base_row("throughput", size, variant, tile, width)
-                if tile is None and whole_render_bytes(model, size, variant.dtype) > budget:
-                    bench.add_row(dict(row, note="skipped: over the memory budget"))
-                    continue
-                repeats = args.repeats or (1 if device.type == "cpu" and size[0] * size[1] > 0.1e6 else 3)
-                with_rate(row, measure(functools.partial(render_once, model, z, size, tile, variant), device, repeats))
-                bench.add_row(dict(row, note="rendered in float32: no fast bfloat16 here") if effective_dtype(device, variant.dtype) != variant.dtype else row)
-    add_speedups(bench.rows, BASELINE[device.type])
-    if device.type == "cpu" and not args.no_memory:  # peak RSS, a fresh process per row, a narrow renderer so that 8192² finishes
-        memory_spec = spec if args.ckpt else {"config": dict(config, renderer_hidden=args.memory_width)}
+
+    def throughput(size, tile, variant) -> dict:
+        repeats = args.repeats or (1 if device.type == "cpu" and size[0] * size[1] > 0.1e6 else 3)
+        result = measure(functools.partial(render_once, model, z, size, tile, variant), device, repeats)
+        return dict(result, note="rendered in float32: no fast bfloat16 here") if effective_dtype(device, variant.dtype) != variant.dtype else result
+
+    # CPU peak memory: a fresh process per row, with a narrow renderer so that 8192² finishes.
+    memory_spec = spec if args.ckpt else {"config": dict(config, renderer_hidden=args.memory_width)}
+    sweeps = [("throughput", args.sizes, model, throughput)]
+    if device.type == "cpu" and not args.no_memory:
         probe = autoencoder(memory_spec, torch.device("cpu"))
-        for size in args.memory_sizes:
-            for tile in tiles:
-                for variant in args.variants:
-                    row = base_row("memory", size, variant, tile, probe.config.renderer_hidden)
-                    if tile is None and whole_render_bytes(probe, size, variant.dtype) > budget:
-                        bench.add_row(dict(row, note="skipped: over the memory budget"))
-                    else:
-                        bench.add_row(with_rate(row, measure_fresh(render_setup, memory_spec, size, tile, variant.name, preload=["infd.rendering"])))
+        sweeps.append(("memory", args.memory_sizes, probe, lambda size, tile, v: measure_fresh(render_setup, memory_spec, size, tile, v.name, preload=["infd.rendering"])))
+    for section, sizes, sized_model, run in sweeps:
+        for size, tile, variant in itertools.product(sizes, (args.tile,) if args.no_whole else (args.tile, None), args.variants):
+            row = base_row(section, size, variant, tile, sized_model.config.renderer_hidden)
+            if tile is None and whole_render_bytes(sized_model, size, variant.dtype) > budget:
+                bench.add_row(dict(row, note="skipped: over the memory budget"))
+            else:
+                bench.add_row(with_rate(row, run(size, tile, variant)))
+        if section == "throughput":
+            add_speedups(bench.rows, BASELINE[device.type])
 
 
 def allocator_rows(bench: Benchmark, args) -> None:

@@ -26,7 +26,7 @@ import infd.evaluation.metrics as metrics
 from infd import geometry, rendering, store
 from infd.errors import InfdError
 from infd.evaluation.inputs import scaled_size
-from infd.evaluation.report import goal_row, goals_markdown, machine_line, machine_summary, markdown_table, metric_panels, number_text, plot_scales, with_ci, write_json, write_text
+from infd.evaluation.report import goal_row, goals_markdown, machine_line, machine_summary, markdown_table, metric_panels, number_text, plot_panels, with_ci, write_json, write_text
 from infd.geometry import Box, Size
 from infd.images import ImageError, load_image, resize, save_image
 from infd.models.renderers import RENDERERS, FixedResolutionRenderer
@@ -473,7 +473,7 @@ def write_ae_report(result: dict, out: str | os.PathLike, name: str = "eval-ae")
         result["strips"].append(relative)
     result["plot"] = f"{name}.png"
     scales = result["settings"]["scales"]
-    plot_scales(out / result["plot"], metric_panels(result["rows"], AE_METRICS, "model"), scales, f"eval-ae: {len(result['settings']['images'])} images")
+    plot_panels(out / result["plot"], metric_panels(result["rows"], AE_METRICS, "model", scales), f"eval-ae: {len(result['settings']['images'])} images")
     write_json(out / f"{name}.json", result)
     write_text(out / f"{name}.md", f"# Autoencoder evaluation\n\n{ae_markdown(result)}")
     return {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "plot": out / result["plot"]}

@@ -24,7 +24,7 @@ import infd.evaluation.metrics as metrics
 from infd import rendering
 from infd.errors import InfdError
 from infd.evaluation.inputs import MIN_SCALE, scaled_size
-from infd.evaluation.report import machine_line, machine_summary, markdown_table, metric_panels, number_text, plot_scales, write_json, write_text
+from infd.evaluation.report import machine_line, machine_summary, markdown_table, metric_panels, number_text, plot_panels, write_json, write_text
 from infd.geometry import Size
 from infd.images import ImageError, load_image, resize
 
@@ -193,8 +193,8 @@ def write_gen_report(result: dict, out: str | os.PathLike, name: str = "eval-gen
     out = Path(out)
     result["plot"] = f"{name}.png"
     names = ("fid", "rfid", "spectral_db") if result["settings"].get("inception") else ("rfid", "spectral_db")
-    panels = metric_panels(result["rows"], names, "samples")
-    plot_scales(out / result["plot"], panels, result["settings"]["scales"], "eval-gen: generated vs real patches")
+    panels = metric_panels(result["rows"], names, "samples", result["settings"]["scales"])
+    plot_panels(out / result["plot"], panels, "eval-gen: generated vs real patches")
     write_json(out / f"{name}.json", result)
     write_text(out / f"{name}.md", f"# Generated images: FID and patch-FID\n\n{gen_markdown(result)}")
     return {"json": out / f"{name}.json", "markdown": out / f"{name}.md", "plot": out / result["plot"]}

@@ -63,44 +63,60 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 @dataclass
-class Line:
-    """One line of a plot panel: y (and error bars) over the scales."""
+class Series:
+    """One line of a plot panel: y (with error bars if `err`) over x; `style`: matplotlib keywords."""
 
     label: str
     x: list[float]
     y: list[float]
-    err: list[float] = field(default_factory=list)
-    floor: bool = False  # a model-free reference: drawn dashed, without markers
+    err: list[float | None] = field(default_factory=list)
+    style: dict = field(default_factory=dict)
 
 
-def plot_scales(path: Path, panels: list[tuple[str, str, list[Line]]], scales: list[int], title: str) -> None:
-    """Panels (title, y label, lines) side by side, x = scale on a log axis, saved as PNG."""
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: list[Series]
+    logx: bool = True
+    logy: bool = True
+    note: str = ""  # small text under the title
+    xticks: dict[float, str] = field(default_factory=dict)  # value -> label, replacing the default ticks
+
+
+def plot_panels(path: Path, panels: list[Panel], title: str, columns: int | None = None) -> None:
+    """Panels side by side (`columns` per row; default all, at most 4), a line with markers per series, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker as ticker
 
-    panels = [panel for panel in panels if any(line.x for line in panel[2])]
-    cols = max(1, min(len(panels), 4))
+    panels = [panel for panel in panels if any(s.x for s in panel.series)] or panels[:1]
+    cols = columns or max(1, min(len(panels), 4))
     grid_rows = max(1, math.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(grid_rows, cols, figsize=(4.6 * cols, 4.0 * grid_rows), squeeze=False)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(5.6 * cols, 4.4 * grid_rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (name, ylabel, lines) in zip(axes.flat, panels):
-        for line in lines:
-            if line.x and line.floor:
-                ax.plot(line.x, line.y, linestyle="--", color="0.45" if line.label == "thumbnail" else "0.7", label=f"{line.label} (floor)")
-            elif line.x:
-                err = [e if e is not None else 0 for e in line.err] if line.err else None
-                ax.errorbar(line.x, line.y, yerr=err, marker="o", capsize=3, label=line.label)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(scales, [str(s) for s in scales])
-        ax.minorticks_off()
-        ax.set_xlabel("scale (px)")
-        ax.set_ylabel(ylabel)
-        ax.set_title(name, fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for s in (s for s in panel.series if s.x):
+            err = [e if e is not None else 0 for e in s.err] if s.err else None
+            ax.errorbar(s.x, s.y, yerr=err, label=s.label, capsize=3 if err else 0, **{"marker": "o", **s.style})
+        for axis, log, set_scale in ((ax.xaxis, panel.logx, ax.set_xscale), (ax.yaxis, panel.logy, ax.set_yscale)):
+            set_scale("log" if log else "linear")
+            if log:
+                axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+                axis.set_minor_formatter(ticker.NullFormatter())
+        if panel.xticks:
+            ax.set_xticks(list(panel.xticks), list(panel.xticks.values()))
+            ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
+        ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        if any(s.x for s in panel.series):
+            ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -122,14 +138,16 @@ def machine_line(machine: dict) -> str:
     return f"{where}, torch {machine.get('torch')}, {str(machine.get('date', ''))[:10]}"
 
 
-def metric_panels(rows: list[dict], names: tuple[str, ...], series_key: str) -> list[tuple[str, str, list[Line]]]:
+def metric_panels(rows: list[dict], names: tuple[str, ...], series_key: str, scales: list[int]) -> list[Panel]:
+    """A panel per metric over the scales (log x), a line per `series_key` value; floors dashed and grey, without markers."""
     panels = []
     for name in names:
         lines = []
         for label in dict.fromkeys(r[series_key] for r in rows):
             points = [r for r in rows if r[series_key] == label and r.get(name) is not None and math.isfinite(r[name])]
             floor = any(r.get("renderer") == "floor" for r in points)
-            lines.append(Line(label, [r["scale"] for r in points], [r[name] for r in points], [r.get(f"{name}_ci") for r in points], floor))
-        panels.append((METRIC_TITLES[name][0], METRIC_TITLES[name][1], lines))
+            style = {"linestyle": "--", "marker": "", "color": "0.45" if label == "thumbnail" else "0.7"} if floor else {}
+            x, y = [r["scale"] for r in points], [r[name] for r in points]
+            lines.append(Series(f"{label} (floor)" if floor else label, x, y, [] if floor else [r.get(f"{name}_ci") for r in points], style))
+        panels.append(Panel(METRIC_TITLES[name][0], "scale (px)", METRIC_TITLES[name][1], lines, logy=False, xticks={s: str(s) for s in scales}))
     return panels
-

@@ -3,7 +3,6 @@
     python benchmarks/serve.py --device cpu                 # demo autoencoder: tiles in-process and over HTTP; exports to 8192²
     python benchmarks/serve.py --device cuda                # paper-shaped model, bf16: tiles in-process; exports to 32768²
     python benchmarks/serve.py --smoke                      # tiny model, short rows, seconds
-    python benchmarks/serve.py --screenshot docs/images/viewer.png --ckpt weights/demo-ae --image assets/sample.jpg
 
 Details (clients, tiles, modes, export): benchmarks/README.md.
 """
@@ -15,7 +14,6 @@ import contextlib
 import functools
 import importlib.util
 import itertools
-import os
 import socket
 import statistics
 import subprocess
@@ -159,26 +157,6 @@ def export_row(spec: dict, size: tuple[int, int], args) -> dict:
     return dict(row, mpix_per_s=row["megapixels"] / row["median_s"]) if "median_s" in row else row
 
 
-def screenshot(args) -> None:
-    """The viewer in headless chromium (zoomed by --screenshot-zoom), saved as a PNG (for the README)."""
-    from playwright.sync_api import sync_playwright
-
-    options = ["--device", args.device] + ["--image", str(args.image)] * bool(args.image) + ["--seed", str(args.seed)] * (args.seed is not None)
-    loaded = "() => { const i = window.infdViewer && window.infdViewer.world.getItemAt(0); return i && i.getFullyLoaded(); }"
-    with infd_serve(args.ckpt or DEMO_CKPT, options) as (url, _), sync_playwright() as playwright:
-        page = playwright.chromium.launch(executable_path=os.environ.get("INFD_CHROMIUM", "/usr/bin/chromium"), headless=True).new_page(viewport={"width": 1280, "height": 800})
-        page.set_default_timeout(300_000)
-        page.goto(url)
-        page.wait_for_function(loaded)
-        if args.screenshot_zoom != 1:
-            page.evaluate(f"window.infdViewer.viewport.zoomBy({args.screenshot_zoom}, undefined, true)")
-            page.wait_for_timeout(500)
-            page.wait_for_function(loaded)
-        page.wait_for_timeout(500)
-        page.screenshot(path=str(args.screenshot))
-    print(f"wrote {args.screenshot}")
-
-
 def check_goals(device: str, rows: list[dict]) -> list[dict]:
     goals = []
     for r in rows:
@@ -218,13 +196,7 @@ def main() -> None:
     bench.add("--export-width", type=int, help="renderer width of the export sweep (default: 8 on CPU, the model's on CUDA)")
     bench.add("--no-export", action="store_true")
     bench.add("--no-tiles", action="store_true")
-    bench.add("--screenshot", type=Path, help="only take a screenshot of the viewer into this PNG (needs chromium)")
-    bench.add("--image", type=Path, help="with --screenshot: the image to show (encoded by --ckpt)")
-    bench.add("--seed", type=int, help="with --screenshot and a pipeline --ckpt: the sample to show")
-    bench.add("--screenshot-zoom", type=float, default=1.0, help="with --screenshot: zoom factor from the whole image")
     args = bench.parse()
-    if args.screenshot:
-        return screenshot(args)
     if args.smoke:
         args.seconds, args.max_tiles, args.warmup, args.clients, args.export_sizes = 0.5, 24, 0.1, args.clients or "1,4", args.export_sizes or "256,512"
     args.bf16 = args.device == "cuda" if args.bf16 is None else args.bf16

@@ -17,16 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 SMOKE = ["convert_official", "inversion", "render", "sample", "sd", "serve", "train_ae"]
 # official.py needs a checkout of the reference code (--reference; tests/test_official.py covers the parity offline);
-# strip.py and report.py draw from results (tested below).
+# report.py draws from results (tested below).
 
 
-def run_script(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_script(name: str, *args: str, timeout: float = 300, folder: Path = BENCHMARKS) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, str(folder / f"{name}.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_benchmark_script_is_smoke_tested():
-    scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"harness", "report", "strip", "official"}
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")} - {"harness", "report", "official"}
     assert scripts == set(SMOKE), "a new benchmark script needs a --smoke run here"
 
 
@@ -64,7 +64,7 @@ def test_strip_puts_the_same_crop_of_two_renderings_side_by_side(tmp_path):
     for folder, value in (("a", 40), ("b", 200)):
         (tmp_path / folder).mkdir()
         Image.new("RGB", (120, 80), (value,) * 3).save(tmp_path / folder / "sample_0003.png")
-    done = run_script("strip", "--a", f"A={tmp_path / 'a'}", "--b", f"B={tmp_path / 'b'}", "--seeds", "3", "--crop", "32", "--out", str(tmp_path / "s.png"), timeout=120)
+    done = run_script("strip", "--a", f"A={tmp_path / 'a'}", "--b", f"B={tmp_path / 'b'}", "--seeds", "3", "--crop", "32", "--out", str(tmp_path / "s.png"), timeout=120, folder=ROOT / "scripts")
     assert done.returncode == 0, done.stderr[-3000:]
     strip = Image.open(tmp_path / "s.png").convert("L")
     assert strip.width > 2 * 64 and strip.getpixel((10, strip.height - 5)) == 40 and strip.getpixel((strip.width - 10, strip.height - 5)) == 200

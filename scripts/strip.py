@@ -1,6 +1,6 @@
 """A picture strip: the same centre crop of the same samples from two renderings, side by side, enlarged 2x.
 
-    python benchmarks/strip.py --a "INFD (CLIF)=runs/gen/infd" --b "fixed + bicubic=runs/gen/fixed" \\
+    python scripts/strip.py --a "INFD (CLIF)=runs/gen/infd" --b "fixed + bicubic=runs/gen/fixed" \\
         --seeds 3,9,15 --out benchmarks/results/eval-gen-wallpapers/strip-infd-vs-fixed.png
 
 Each folder holds sample_NNNN.png files of one size (`infd sample`, and the same z with `--renderer fixed`).

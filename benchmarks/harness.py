@@ -257,16 +257,7 @@ def shown_columns(columns: Mapping[str, str], rows: Sequence[dict]) -> dict[str,
     return {key: header for key, header in columns.items() if any(row.get(key) is not None for row in rows)}
 
 
-def make_console():
-    """A rich console at least 120 columns wide (pipes and logs default to 80)."""
-    from rich.console import Console
-
-    console = Console(highlight=False)
-    console.width = max(console.width, 120)
-    return console
-
-
-def print_table(table: Table, rows: Sequence[dict], console=None) -> None:
+def print_table(table: Table, rows: Sequence[dict], console) -> None:
     from rich.table import Table as RichTable
 
     rows = table.rows(rows)
@@ -278,7 +269,7 @@ def print_table(table: Table, rows: Sequence[dict], console=None) -> None:
         out.add_column(header, justify="left" if all(isinstance(r.get(key, ""), str) for r in rows) else "right")
     for row in rows:
         out.add_row(*(fmt(row.get(key)) for key in shown))
-    (console or make_console()).print(out)
+    console.print(out)
 
 
 # ---------------------------------------------------------------- plots
@@ -361,7 +352,9 @@ class Benchmark:
         self.machine = machine_info(self.device)
         self.command = shlex.join(["python", f"benchmarks/{self.name}.py", *sys.argv[1:]])
         self.extra["settings"] = settings
-        self.console = make_console()
+        from rich.console import Console
+
+        self.console = Console(highlight=False, width=max(Console().width, 120))  # pipes and logs default to 80 columns
         self.console.print(f"[bold]{title}[/] on {describe_machine(self.machine)}", markup=True)
 
     def say(self, text: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from harness import PAPER_AE, TINY_AE, Benchmark, Panel, Table, autoencoder, goal, lines, measure, measure_fresh, parse_sizes
 
@@ -104,15 +105,9 @@ def measure_rows(bench: Benchmark, args, config: dict) -> None:
 def estimate_missing_naive(rows: list[dict]) -> None:
     """Naive rows that could not run, from a least-squares fit a + b * pixels of the measured ones (marked "estimated")."""
     measured = [r for r in rows if r["mode"] == "naive" and r.get("step_mib")]
-    if len(measured) < 2:
-        return
-    xs = [r["canvas"] ** 2 for r in measured]
-    mean_x = sum(xs) / len(xs)
-    for row in (r for r in rows if r["mode"] == "naive" and not r.get("step_mib")):
+    for row in (r for r in rows if r["mode"] == "naive" and not r.get("step_mib") and len(measured) >= 2):
         for key in ("step_mib", "median_s"):
-            ys = [r[key] for r in measured]
-            slope = sum((x - mean_x) * (y - sum(ys) / len(ys)) for x, y in zip(xs, ys, strict=True)) / sum((x - mean_x) ** 2 for x in xs)
-            row[key] = sum(ys) / len(ys) + slope * (row["canvas"] ** 2 - mean_x)
+            row[key] = float(np.polyval(np.polyfit([r["canvas"] ** 2 for r in measured], [r[key] for r in measured], 1), row["canvas"] ** 2))
         row.update(estimated=True, note=", ".join(filter(None, [row.get("note"), "estimated"])))
 
 

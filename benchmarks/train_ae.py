@@ -52,16 +52,8 @@ def run_times(run: Path) -> dict[int, float]:
 
 
 def time_at(times: dict[int, float], step: int) -> float | None:
-    """Training seconds at `step`, interpolated between logged steps."""
-    steps = sorted(times)
-    if not steps:
-        return None
-    if step <= steps[0]:
-        return times[steps[0]] * step / steps[0]
-    for a, b in zip(steps, steps[1:], strict=False):
-        if a <= step <= b:
-            return times[a] + (times[b] - times[a]) * (step - a) / (b - a)
-    return times[steps[-1]]
+    """Training seconds at `step`, interpolated between logged steps (and from 0 at step 0)."""
+    return float(np.interp(step, [0, *sorted(times)], [0.0, *(times[s] for s in sorted(times))])) if times else None
 
 
 def continued_from(config: dict, run: Path) -> tuple[float, int]:

@@ -30,7 +30,7 @@ SMOKE_UNET = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_grou
 MODELS = {  # name -> (autoencoder options, UNet options, sizes, steps)
     "paper": lambda: (PAPER_AE, LDMTrainConfig.load(REPO_ROOT / "configs" / "ldm-paper.json").unet, "256,512,1024,2048,4096", 50),
     "demo": lambda: (demo_ae(), LDMTrainConfig.load(REPO_ROOT / "configs" / "ldm-demo-cpu.json").unet, "512,1024,2048", 50),
-    "smoke": lambda: (dict(PAPER_AE, input_size=64, block_out_channels=(32, 32, 32), layers_per_block=1, renderer_hidden=16), SMOKE_UNET, "128,256", 3),
+    "smoke": lambda: (dict(PAPER_AE, input_size=64, block_out_channels=(32, 32, 32), layers_per_block=1, renderer_hidden=16), SMOKE_UNET, "128", 3),
 }
 METHODS = {"infd": (None, None), "fixed": ("fixed", None), "fixed+bicubic": ("fixed", "bicubic"), "fixed+lanczos": ("fixed", "lanczos")}  # -> (renderer, upsampling)
 STYLES = {"infd": dict(color="tab:blue"), "fixed": dict(color="tab:gray"), "fixed+bicubic": dict(color="tab:orange"), "fixed+lanczos": dict(color="tab:green")}

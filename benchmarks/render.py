@@ -11,11 +11,11 @@ Details (variants, the CPU memory sweep, goals): benchmarks/README.md.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
 import types
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +33,9 @@ BEFORE_2048_S, GOAL_ALLOCATOR_SPEEDUP = 7.3, 2.5  # the shipped model's 2048² f
 ALLOCATORS = {"tuned": None, "glibc default": {system.MALLOC_TUNING_ENV: "0"}}
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    dtype: torch.dtype
-    plain: bool = False  # CLIF in contiguous NCHW instead of the library's channels_last layout
-    color: str = "black"
-
-
-VARIANTS = {
-    v.name: v
-    for v in (
-        Variant("fp32-plain", torch.float32, True, "tab:gray"),
-        Variant("fp32", torch.float32, color="tab:blue"),
-        Variant("bf16", torch.bfloat16, color="tab:orange"),
-        Variant("fp16", torch.float16, color="tab:green"),
-    )
-}
+Variant = collections.namedtuple("Variant", "name dtype plain color")  # plain: CLIF in contiguous NCHW, not the library's channels_last
+VARIANTS = {v.name: v for v in (Variant("fp32-plain", torch.float32, True, "tab:gray"), Variant("fp32", torch.float32, False, "tab:blue"))}
+VARIANTS.update({v.name: v for v in (Variant("bf16", torch.bfloat16, False, "tab:orange"), Variant("fp16", torch.float16, False, "tab:green"))})
 # bf16 on a CPU without fast bfloat16 renders in float32 (rendering.effective_dtype): not worth a row.
 DEFAULT_VARIANTS = {"cpu": "fp32-plain,fp32" + (",bf16" if system.fast_bf16(torch.device("cpu")) else ""), "cuda": "fp32,bf16,fp16"}
 BASELINE = {"cpu": "fp32-plain", "cuda": "fp32"}

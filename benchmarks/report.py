@@ -70,10 +70,8 @@ def tables_markdown(data: dict) -> str:
 
 
 def hardware(machine: dict) -> str:
-    cores = machine.get("cpu_affinity") or machine.get("cpu_count")
-    parts = [f"{machine['gpu']} ({machine.get('gpu_memory_gib')} GiB)"] if machine.get("gpu") else []
-    parts += [f"{machine.get('cpu', '?')}, {cores} cores", f"torch {machine.get('torch', '?')}" + (f", CUDA {machine['cuda']}" if machine.get("cuda") else "")]
-    return ", ".join(parts)
+    cores, gpu = machine.get("cpu_affinity") or machine.get("cpu_count"), f"{machine['gpu']} ({machine.get('gpu_memory_gib')} GiB), " if machine.get("gpu") else ""
+    return f"{gpu}{machine.get('cpu', '?')}, {cores} cores, torch {machine.get('torch', '?')}" + (f", CUDA {machine['cuda']}" if machine.get("cuda") else "")
 
 
 def relative(target: Path, start: Path) -> str:

@@ -30,6 +30,9 @@ import torch
 from infd import system
 from infd.evaluation.report import Panel, Series, plot_panels  # noqa: F401 (the scripts take them from here)
 from infd.files import atomic_path
+from infd.geometry import parse_size
+from infd.models import NeuralFieldAutoencoder
+from infd.store import find_checkpoint, load_autoencoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -98,11 +101,6 @@ def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def minor_faults() -> int:
-    """Pages the kernel mapped in on first touch so far (fresh memory)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def reset_peak_rss() -> bool:
@@ -174,11 +172,12 @@ def _measure_here(setup: Callable, args: tuple, repeats: int, threads: int) -> d
     run, warm, info = (*prepared, None, None)[:3] if isinstance(prepared, tuple) else (prepared, None, None)
     if warm is not None:
         warm()
-    reset, base, faults = reset_peak_rss(), current_rss_bytes(), minor_faults()
+    faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # noqa: E731 (pages mapped in on first touch: fresh memory)
+    reset, base, faults_before = reset_peak_rss(), current_rss_bytes(), faults()
     seconds = time_runs(run, repeats, torch.device("cpu"))
     peak = peak_rss_bytes()
     result = dict(seconds=seconds, median_s=statistics.median(seconds), peak_mib=peak / MIB, increment_mib=(peak - base) / MIB, base_mib=base / MIB)
-    result.update(minor_faults=(minor_faults() - faults) / repeats, **(info or {}))
+    result.update(minor_faults=(faults() - faults_before) / repeats, **(info or {}))
     return result if reset else dict(result, note="peak since the process started: it could not be restarted")
 
 
@@ -188,9 +187,6 @@ def _measure_here(setup: Callable, args: tuple, repeats: int, threads: int) -> d
 def autoencoder(spec: dict, device: torch.device, width: int | None = None):
     """spec {"ckpt": folder} or {"config": NeuralFieldAutoencoder options} (seeded random weights); with
     `width`, the same shapes with that renderer width and random weights."""
-    from infd.models import NeuralFieldAutoencoder
-    from infd.store import find_checkpoint, load_autoencoder
-
     if spec.get("ckpt") and width is None:
         return load_autoencoder(spec["ckpt"], device)
     config = dict(NeuralFieldAutoencoder.load_config(find_checkpoint(spec["ckpt"]))) if spec.get("ckpt") else dict(spec["config"])
@@ -200,14 +196,11 @@ def autoencoder(spec: dict, device: torch.device, width: int | None = None):
 
 def random_latent(model, seed: int = 0) -> torch.Tensor:
     """z (1, C, h, w) of N(0, 1), on the model's device."""
-    z = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed))
-    return z.to(next(model.parameters()).device)
+    return torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(seed)).to(next(model.parameters()).device)
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
     """"256,512,2048x1536" -> [(256, 256), (512, 512), (1536, 2048)] as (height, width)."""
-    from infd.geometry import parse_size
-
     return [parse_size(part) for part in text.split(",") if part.strip()]
 
 
@@ -230,9 +223,6 @@ class Table:
 
     def rows(self, rows: Sequence[dict]) -> list[dict]:
         return [r for r in rows if self.section is None or r.get("section") == self.section]
-
-
-GOALS = Table("Goals", {"goal": "goal", "value": "value", "target": "target", "met": "met"})
 
 
 def goal(name: str, value: float, target: float, unit: str = "", lower_is_better: bool = False) -> dict:
@@ -326,14 +316,11 @@ class Benchmark:
         self.rows: list[dict] = []
         self.extra: dict = {}
 
-    def error(self, message: str):
-        self.parser.error(message)
-
     def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
         """The arguments; applies --threads (1 with --smoke: tiny ops on a busy machine mostly wait in OpenMP barriers) and --cudnn-benchmark."""
         args = self.args = self.parser.parse_args(argv)
         if args.device == "cuda" and not torch.cuda.is_available():
-            self.error("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+            self.parser.error("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
         args.threads = args.threads or (1 if args.smoke else None)
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -389,7 +376,7 @@ class Benchmark:
         for table in self.tables:
             print_table(table, self.rows, self.console)
         if goals:
-            print_table(GOALS, goals, self.console)
+            print_table(Table("Goals", {key: key for key in ("goal", "value", "target", "met")}), goals, self.console)
         self.save(goals=list(goals))
         where = self.machine.get("gpu") or self.machine["cpu"]
         plot_panels(self.png_path, panels, f"{self.title} — {where}, torch {self.machine['torch']}, {self.machine['date'][:10]}", columns)

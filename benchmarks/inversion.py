@@ -73,18 +73,15 @@ def gradient_check(config: dict, device: torch.device, canvas: int = 256, region
     return {"canvas": canvas, "region": region, "max_abs_difference": difference, "max_abs_gradient": scale, "relative": difference / scale}
 
 
-def naive_bytes_estimate(model, canvas: int) -> float:
-    """Rough autograd memory of a whole-canvas render: the layout, its copy and ~8 saved hidden maps."""
-    return (canvas + 2 * model.halo) ** 2 * 4 * (8 * model.config.renderer_hidden + 2 * (model.config.block_out_channels[0] + 4))
-
-
 def measure_rows(bench: Benchmark, args, config: dict) -> None:
     probe = autoencoder({"config": config}, torch.device("cpu"))
     budget = args.naive_budget_gib if args.naive_budget_gib is not None else 12.0 if bench.device.type == "cpu" else None
     for canvas in args.canvases:
         for mode in ("region", "naive"):
             row = {"canvas": canvas, "size": f"{canvas}²", "mode": mode, "renderer_width": probe.config.renderer_hidden}
-            if mode == "naive" and budget is not None and naive_bytes_estimate(probe, canvas) > budget * 2**30:
+            # the naive step's rough autograd memory: the layout, its copy and ~8 saved hidden maps of the whole canvas
+            naive_bytes = (canvas + 2 * probe.halo) ** 2 * 4 * (8 * probe.config.renderer_hidden + 2 * (probe.config.block_out_channels[0] + 4))
+            if mode == "naive" and budget is not None and naive_bytes > budget * 2**30:
                 row["note"] = f"over {budget:g} GiB"
             elif bench.device.type == "cpu":
                 row.update(measure_fresh(step_setup, config, canvas, mode, repeats=args.repeats, preload=["infd.inversion"]))
@@ -122,7 +119,7 @@ def main() -> None:
     args.canvases = [h for h, _ in parse_sizes(args.canvases or ("256,512" if args.smoke else "1024,2048,4096,8192"))]
     args.repeats = args.repeats or (1 if args.smoke else 2)
     if min(args.canvases) < REGION:
-        bench.error(f"every canvas must be at least the {REGION}² regions it holds")
+        bench.parser.error(f"every canvas must be at least the {REGION}² regions it holds")
     config = dict(MODELS[args.model], **({"renderer_hidden": args.width} if args.width else {}))
     table = Table(f"Inversion step: region-only vs the full canvas, then crop ({args.model} model)", COLUMNS)
     bench.start("infd inversion benchmark", [table], model=args.model, config=config, regions=3, region=REGION, repeats=args.repeats)

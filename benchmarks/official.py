@@ -323,11 +323,11 @@ def main() -> None:
     bench.add("--seed", type=int, default=0)
     args = bench.parse()
     if args.reference is None:
-        bench.error("--reference PATH (a checkout of github.com/yinboc/infd) is required")
+        bench.parser.error("--reference PATH (a checkout of github.com/yinboc/infd) is required")
     if args.ckpt is not None and not args.ckpt.is_file():
-        bench.error(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by the paper's code (e.g. ae_ffhq/last-model.pth)")
+        bench.parser.error(f"--ckpt {args.ckpt} does not exist; pass a checkpoint written by the paper's code (e.g. ae_ffhq/last-model.pth)")
     if unknown := set(args.parts.split(",")) - {"time", "memory", "modes"}:
-        bench.error(f"unknown --parts {', '.join(sorted(unknown))}; choose from time, memory, modes")
+        bench.parser.error(f"unknown --parts {', '.join(sorted(unknown))}; choose from time, memory, modes")
     if args.smoke:  # width 32: the least for GroupNorm's 32 groups
         args.sizes, args.memory_sizes, args.modes_sizes, args.repeats, args.width, args.memory_width, args.modes_width = "64,128", "64,256", "256,512", 1, 32, 32, 32
     args.parts, args.repeats = set(args.parts.split(",")), args.repeats or 3
@@ -341,7 +341,7 @@ def main() -> None:
     narrow = 32 if args.device == "cpu" else args.width
     args.memory_width, args.modes_width = args.memory_width or narrow, args.modes_width or narrow
     if any(w % 32 for w in (args.width, args.memory_width, args.modes_width)):
-        bench.error("renderer widths must be multiples of 32 (the GroupNorm has 32 groups)")
+        bench.parser.error("renderer widths must be multiples of 32 (the GroupNorm has 32 groups)")
     settings = dict(reference=str(args.reference), reference_commit=git("rev-parse", "HEAD", cwd=args.reference), ckpt=str(args.ckpt) if args.ckpt else None)
     settings.update(model=PAPER_YAML + (" with a small trunk" if args.smoke else ""), widths=dict(time=args.width, memory=args.memory_width, modes=args.modes_width))
     bench.start("the paper's code vs infd, same weights", TABLES, **settings, patch=PATCH, padding=PADDING, tile=TILE, seed=args.seed)

@@ -215,7 +215,7 @@ def main() -> None:
         args.sizes, args.memory_sizes = parse_sizes(args.sizes or ("256,512,1024,2048" if args.device == "cpu" else "256,512,1024,2048,4096,8192")), parse_sizes(args.memory_sizes)
         names = (args.variants or DEFAULT_VARIANTS[args.device]).split(",")
         if unknown := [v for v in names if v not in VARIANTS]:
-            bench.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+            bench.parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         args.variants = [VARIANTS[v] for v in names]
     settings = dict(model=str(args.ckpt or "random, paper-shaped"), tile=args.tile, width=args.width, memory_width=args.memory_width)
     bench.start("render benchmark" + (": the allocator setting" if args.allocator else ""), TABLES, tag="allocator" if args.allocator else None, device=args.device, **settings)

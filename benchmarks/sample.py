@@ -20,7 +20,6 @@ from harness import MIB, PAPER_AE, REPO_ROOT, Benchmark, Panel, Table, current_r
 from infd import geometry
 from infd.diffusion import make_sampler, make_training_scheduler, sample
 from infd.diffusion.pipeline import load_pipeline
-from infd.geometry import Box
 from infd.images import lanczos_resize
 from infd.models import NeuralFieldAutoencoder
 from infd.rendering import ArraySink, LatentField
@@ -75,7 +74,7 @@ def render_image(field: LatentField, method: str, size, tile: int) -> np.ndarray
     """Phase 3: the (H, W, 3) uint8 image, tile by tile as `infd sample` renders it (Lanczos: the native image, then PIL)."""
     canvas = np.empty((*size, 3), dtype=np.uint8)
     if METHODS[method][1] == "lanczos":
-        ArraySink(canvas)(geometry.Window(0, 0, *size), lanczos_resize(field.image(field.model.feature_shape[1:], tile=None), size, Box.full()))
+        ArraySink(canvas)(geometry.Window(0, 0, *size), lanczos_resize(field.image(field.model.feature_shape[1:], tile=None), size, geometry.Box.full()))
     else:
         field.image(size, tile, sink=ArraySink(canvas))
     return canvas
@@ -167,7 +166,7 @@ def main() -> None:
     args.spec = {"ckpt": args.ckpt} if args.ckpt else {"ae": ae, "unet": unet}
     args.sizes, args.steps, args.methods = parse_sizes(args.sizes or sizes), args.steps or steps, args.methods.split(",")
     if unknown := [m for m in args.methods if m not in METHODS]:
-        bench.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        bench.parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     args.dtype = torch.bfloat16 if (args.dtype or ("bf16" if args.device == "cuda" else "fp32")) == "bf16" else torch.float32
     args.repeats, args.tile = args.repeats or (3 if args.device == "cuda" else 1), min(args.tile, 128) if args.smoke else args.tile
     memory = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "not measured (--no-memory)" if args.no_memory else "peak RSS of a fresh process per row"

@@ -100,7 +100,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [4 * native] if args.smoke and cuda else [4 * native, 8 * native]
     dtypes = (args.dtypes or ("fp32" if not cuda else "bf16" if args.smoke else "fp32,bf16")).split(",")
     if unknown := [d for d in dtypes if d not in DTYPES]:
-        bench.error(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+        bench.parser.error(f"unknown dtype(s) {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
     cap = cuda and args.memory_cap_gib > 0
     if cap:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory), 0)

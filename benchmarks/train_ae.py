@@ -20,7 +20,6 @@ from PIL import Image
 
 from infd import evaluation, store
 from infd.data import WALLPAPER_HOLDOUT
-from infd.store import checkpoint_dirs
 from infd.training.autoencoder import AETrainConfig, train_autoencoder
 
 MARKS_MIN = (30, 120)  # the wall-clock points the issue asked about
@@ -80,7 +79,7 @@ def evaluate(bench: Benchmark, label: str, folder: Path, paths, scales, floors: 
 def evaluate_run(bench: Benchmark, label: str, run: Path, paths, scales, every: int) -> None:
     config = json.loads((run / "train_config.json").read_text())
     times, (seconds_before, samples_before) = run_times(run), continued_from(config, run)
-    for folder in checkpoint_dirs(run)[::-1][::every][::-1]:  # always the last one
+    for folder in store.checkpoint_dirs(run)[::-1][::every][::-1]:  # always the last one
         step, seconds = int(folder.name.split("_")[1]), time_at(times, int(folder.name.split("_")[1]))
         minutes = None if seconds is None else (seconds_before + seconds) / 60
         evaluate(bench, label, folder, paths, scales, not any(r["section"] == "floor" for r in bench.rows), step=step, samples=samples_before + step * config["batch_size"], minutes=minutes)
@@ -144,12 +143,12 @@ def main() -> None:
             args.data, config = smoke_inputs(Path(tmp))
             args.recipe, args.runs_dir, args.checkpoint_every, args.scales, args.minutes = [f"tiny={config}"], Path(tmp) / "runs", 2, "64", 1.0
         if args.data is None or not (args.run or args.recipe):
-            bench.error("pass --data FOLDER and --run LABEL=RUN or --recipe LABEL=CONFIG")
+            bench.parser.error("pass --data FOLDER and --run LABEL=RUN or --recipe LABEL=CONFIG")
         runs = [labelled(text, "--run") for text in args.run]
         for label, path in (labelled(text, "--recipe") for text in args.recipe):
             config = AETrainConfig.load(path)
             config.time_limit, config.checkpoint_every, config.keep_checkpoints, config.sample_every = args.minutes, args.checkpoint_every, 10_000, 10**9
-            resume = bool(checkpoint_dirs(args.runs_dir / label))
+            resume = bool(store.checkpoint_dirs(args.runs_dir / label))
             train_autoencoder(config, args.data, args.runs_dir / label, resume=resume, exclude=WALLPAPER_HOLDOUT if args.holdout else (), progress=not args.smoke)
             runs.append((label, args.runs_dir / label))
         scales = evaluation.parse_scales(args.scales)
@@ -160,7 +159,7 @@ def main() -> None:
                 evaluate_run(bench, label, run, paths, scales, args.every)
             for label, spec in (labelled(text, "--reference") for text in args.reference):
                 if len(parts := str(spec).split("@")) != 3:
-                    bench.error(f"--reference {label}={spec} must be LABEL=CKPT@MINUTES@SAMPLES")
+                    bench.parser.error(f"--reference {label}={spec} must be LABEL=CKPT@MINUTES@SAMPLES")
                 evaluate(bench, label, Path(parts[0]), paths, scales, False, step=None, minutes=float(parts[1]), samples=int(parts[2]))
     bench.rows += marks(bench.rows)
     bench.finish(panels=panels(bench.rows, scales[0]), columns=2)

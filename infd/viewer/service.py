@@ -73,10 +73,8 @@ def latent_id(z: torch.Tensor) -> str:
 
 
 def virtual_size(aspect: float, side: int = DEFAULT_VIRTUAL_SIDE) -> Size:
-    """(H, W) of the viewer's image: `side` pixels on the long side, the given width/height aspect."""
-    if aspect >= 1:
-        return max(1, round(side / aspect)), side
-    return side, max(1, round(side * aspect))
+    """(H, W) of the viewer's image: `side` pixels on the long side, the given width/height aspect (`geometry.fit_size`)."""
+    return geometry.fit_size(side, aspect)
 
 
 class LatentBook:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -146,16 +147,11 @@ def in_fresh_process(function: Callable, *args, preload: Sequence[str] = ("torch
         context.set_forkserver_preload(list(preload))
     else:
         context = multiprocessing.get_context("spawn")
-    saved = {name: os.environ.get(name) for name in env or {}}
-    os.environ.update(env or {})
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        with mock.patch.dict(os.environ, env or {}), ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:  # env: restored after
             return pool.submit(function, *args).result()
     except BrokenProcessPool:
         return {"note": "the measuring process died (out of memory?)"}
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
 
 
 def measure_fresh(setup: Callable, *args, repeats: int = 1, preload: Sequence[str] = ("torch",), env: Mapping[str, str] | None = None) -> dict:

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import math
+import statistics
 import sys
 import tempfile
 import types
@@ -62,7 +63,8 @@ def import_reference(path: Path) -> types.SimpleNamespace:
     path = path.resolve()
     if not (path / "gen_samples.py").is_file() or not (path / "models").is_dir():
         raise ReferenceUnavailable(f"--reference {path} is not a checkout of github.com/yinboc/infd (no gen_samples.py and models/ there)")
-    sys.path.insert(0, str(path)) if str(path) not in sys.path else None
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
     with contextlib.suppress(ImportError):  # the reference's utils import tensorboardX for logging only
         import tensorboardX  # noqa: F401
     sys.modules.setdefault("tensorboardX", types.SimpleNamespace(SummaryWriter=None))
@@ -136,7 +138,8 @@ def make_checkpoint(R, folder: Path, ckpt: Path | None, width: int, trunk: dict 
             model.quantizer.embedding.weight.copy_(torch.randn(model.quantizer.embedding.weight.shape, generator=torch.Generator().manual_seed(seed)))
         conv_out = model.renderer.net.conv_out
         scale = RENDER_STD / float(reference_one_piece(R, model, random_latent(model, seed), 256).std())
-        conv_out.weight.mul_(scale), conv_out.bias.mul_(scale)
+        conv_out.weight.mul_(scale)
+        conv_out.bias.mul_(scale)
         state = {k: v for k, v in model.state_dict().items() if not k.startswith(("perc_loss.", "disc."))}
         torch.save({"model": {"name": "infd", "args": args, "sd": state}}, path)  # what the reference trainer saves, as far as loading needs
     return path
@@ -214,11 +217,12 @@ def measure_time(bench: Benchmark, R, pair: Pair, sizes: list[int], repeats: int
         run(sizes[0])
     for size in sizes:
         seconds, outputs = {name: [] for name in paths}, {}
-        for _, (name, run) in ((i, p) for i in range(repeats) for p in paths.items()):
-            seconds[name] += time_runs(lambda name=name, run=run: outputs.__setitem__(name, run(size)), 1, bench.device)  # noqa: B023 (called at once)
+        for _ in range(repeats):
+            for name, run in paths.items():
+                seconds[name] += time_runs(lambda name=name, run=run: outputs.__setitem__(name, run(size)), 1, bench.device)  # noqa: B023 (called at once)
         row = {"section": "time", "size": size, "width": pair.width, "repeats": repeats}
         for name in paths:
-            row.update({f"{name}_runs": seconds[name], f"{name}_s": sorted(seconds[name])[len(seconds[name]) // 2]})
+            row.update({f"{name}_runs": seconds[name], f"{name}_s": statistics.median(seconds[name])})
             row[f"{name}_speedup"] = row["reference_s"] / row[f"{name}_s"] if name != "reference" else None
         bench.add_row(dict(row, psnr_vs_reference=psnr(outputs["infd"], to_unit(outputs["reference"]))))
 

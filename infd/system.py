@@ -11,6 +11,7 @@ machine here, so a bug report, a timing and a render all describe the same CPU.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import platform
@@ -168,8 +169,6 @@ def allocator_description() -> str:
 def machine_record(device: torch.device) -> dict:
     """What a measurement ran on, for its JSON: date, CPU and its vector instructions, fast bf16, the allocator,
     cores, threads, load, python, torch and its CPU kernels, and the GPU (with its cuDNN/TF32 settings) on CUDA."""
-    import datetime
-
     info = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         device=device.type,

@@ -38,12 +38,14 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-c", "from infd.cli import main; main()", "serve", "--ckpt", args.ckpt, "--port", str(port), "--device", args.device, *options])
     url = f"http://127.0.0.1:{port}/"
     try:
-        while server.poll() is None and time.sleep(0.3) is None:
+        deadline = time.monotonic() + 180
+        while server.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 httpx.get(url + "api/info", timeout=2).raise_for_status()
                 break
-        if server.poll() is not None:
-            raise SystemExit("infd serve exited; its message is above.")
+            time.sleep(0.3)
+        else:
+            raise SystemExit("infd serve exited (its message is above) or did not answer within 3 minutes.")
         with sync_playwright() as playwright:
             page = playwright.chromium.launch(executable_path=os.environ.get("INFD_CHROMIUM", "/usr/bin/chromium"), headless=True).new_page(viewport={"width": 1280, "height": 800})
             page.set_default_timeout(300_000)
